@@ -1,0 +1,130 @@
+"""Loading a Hugging Face style checkpoint folder: glob, check, assign.
+
+The model is built on the meta device (no memory), every tensor in the safetensors files is
+checked against the shapes the config implies, and the tensors read from the files are assigned
+in place of the meta parameters, so the weights exist in memory once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import ModelConfig
+from .errors import CheckpointError, InvalidParameterError
+from .model import CausalLM
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'auto', not {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return device
+
+
+def safetensors_files(folder: Path) -> dict[str, Path]:
+    """Map each tensor name to the file holding it: one `model.safetensors`, or shards with an index."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {err}") from None
+        files = {name: folder / file for name, file in weight_map.items()}
+        missing = sorted({str(path) for path in files.values() if not path.is_file()})
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"no model.safetensors or {INDEX_FILE} in {folder}")
+    return {name: single for name in _tensor_shapes(single)}
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
+    """What the checkpoint must hold: every parameter, except a head tied to the embeddings."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], tied: bool) -> None:
+    """Raise one error that lists every missing, unexpected and misshapen tensor by name."""
+    ignorable = {"lm_head.weight"} if tied else set()  # some tied checkpoints store the head anyway
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys() - ignorable)
+    misshapen = sorted(
+        f"{name} (file {list(found[name])}, model {list(shape)})"
+        for name, shape in expected.items()
+        if name in found and found[name] != shape
+    )
+    problems = [
+        f"{label}: {', '.join(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen))
+        if names
+    ]
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model; " + "; ".join(problems))
+
+
+def load_model(
+    folder: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> CausalLM:
+    """Build the model that `folder/config.json` describes and fill it from its safetensors files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    config = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = expected_shapes(model)
+
+    files = safetensors_files(folder)
+    found: dict[str, tuple[int, ...]] = {}
+    for path in sorted(set(files.values())):
+        found.update(_tensor_shapes(path))
+    check_tensors(expected, found, config.tie_word_embeddings)
+
+    state = {}
+    for path in sorted(set(files.values())):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if name in expected:
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.model.rotary_emb.build_tables(device)
+    logger.info("loaded %s (%d tensors, %s, %s)", folder, len(state), dtype, device)
+    return model.eval().requires_grad_(False)

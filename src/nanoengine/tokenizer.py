@@ -1,0 +1,73 @@
+"""Text to token ids and back, from a checkpoint's `tokenizer.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+
+from .errors import CheckpointError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A thin wrapper over the `tokenizers` library.
+
+    Encoding follows `tokenizer.json` exactly: special-token strings in the text become their
+    tokens, and a BOS token is added only if the file's post-processor adds one.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        self.backend = backend
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
+        path = Path(folder) / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"no tokenizer.json in {Path(folder)}")
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as err:  # the library raises a bare Exception for a malformed file
+            raise CheckpointError(f"{path} is not a valid tokenizer file: {err}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    A token may end in the middle of a multi-byte character; its decoded text then ends in
+    U+FFFD. Such a tail is held back until a later token completes it. Decoding always restarts a
+    few tokens back (at `prefix_offset`) rather than at the last token alone, because decoders
+    that strip or merge spaces give a different text for a token seen on its own.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window that is re-decoded
+        self.read_offset = 0  # end of the tokens whose text has been emitted
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        current = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(current) <= len(emitted) or current.endswith(REPLACEMENT_CHAR):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return current[len(emitted) :]
