@@ -12,7 +12,7 @@ from .errors import (
 from .generation import GeneratedToken, generate
 from .loading import load_model
 from .model import CausalLM, KVCache
-from .registry import DEFAULT_MODEL, REGISTRY, fetch, resolve_model
+from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -32,7 +32,7 @@ __all__ = [
     "SamplingParams",
     "Tokenizer",
     "UnknownModelError",
-    "fetch",
+    "fetch_model",
     "generate",
     "load_model",
     "resolve_model",

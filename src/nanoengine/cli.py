@@ -8,7 +8,7 @@ import sys
 import time
 
 from .errors import NanoEngineError
-from .registry import DEFAULT_MODEL, REGISTRY, fetch, registered_folder, resolve_model
+from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, resolve_model
 from .fetch import is_checkpoint
 
 logger = logging.getLogger("nanoengine")
@@ -78,7 +78,7 @@ def run_complete(args: argparse.Namespace) -> int:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    print(fetch(args.model))
+    print(fetch_model(args.model))
     return 0
 
 

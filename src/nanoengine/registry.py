@@ -51,7 +51,7 @@ def registered_folder(name: str) -> Path:
     return weights_root() / name
 
 
-def fetch(name: str) -> Path:
+def fetch_model(name: str) -> Path:
     """Download and convert a registered model unless it is already present; return its folder."""
     if name not in REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(REGISTRY)}")
@@ -64,7 +64,7 @@ def resolve_model(name_or_path: str | os.PathLike, fetch_missing: bool = True) -
         folder = registered_folder(name_or_path)
         if is_checkpoint(folder) or not fetch_missing:
             return folder
-        return fetch(name_or_path)
+        return fetch_model(name_or_path)
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise UnknownModelError(f"model name must be a non-empty string, not {name_or_path!r}")
     path = Path(name_or_path).expanduser()
