@@ -1,6 +1,8 @@
 """nanoengine: a small, readable, pure-PyTorch runtime for small language models."""
 
+from .completion import AsyncCompletionStream, Completion
 from .config import ModelConfig
+from .engine import configure
 from .errors import (
     CheckpointError,
     FetchError,
@@ -15,12 +17,31 @@ from .model import CausalLM, KVCache
 from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .types import (
+    CompletionOutput,
+    CompletionStreamOutput,
+    CompletionStreamResponse,
+    CompletionStreamV1Response,
+    CompletionSyncResponse,
+    CompletionSyncV1Response,
+    StreamError,
+    StreamErrorContent,
+    TokenOutput,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
     "REGISTRY",
+    "AsyncCompletionStream",
     "CausalLM",
     "CheckpointError",
+    "Completion",
+    "CompletionOutput",
+    "CompletionStreamOutput",
+    "CompletionStreamResponse",
+    "CompletionStreamV1Response",
+    "CompletionSyncResponse",
+    "CompletionSyncV1Response",
     "FetchError",
     "GeneratedToken",
     "IncrementalDetokenizer",
@@ -30,8 +51,12 @@ __all__ = [
     "NanoEngineError",
     "RequestTimeoutError",
     "SamplingParams",
+    "StreamError",
+    "StreamErrorContent",
+    "TokenOutput",
     "Tokenizer",
     "UnknownModelError",
+    "configure",
     "fetch_model",
     "generate",
     "load_model",

@@ -86,3 +86,15 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return current[len(emitted) :]
+
+    def flush(self) -> str:
+        """The text held back, once no token will follow, less the last character if incomplete.
+
+        A held-back token can carry whole characters before its incomplete one (a space and the
+        first bytes of a character can be one token): those are returned, the rest is dropped.
+        """
+        decode = self.tokenizer.decode
+        emitted = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        current = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return current[len(emitted) :].removesuffix(REPLACEMENT_CHAR)
