@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("LLM_ENGINE_DISABLE_VERSION_CHECK", "true")  # importing llmengine asks PyPI otherwise
+
+from nanoengine import DEFAULT_MODEL, Completion  # noqa: E402
+
+
+def command(*args: str) -> list[str]:
+    """The console script with `args`; `python -m nanoengine` where the script is not on PATH."""
+    exe = shutil.which("nanoengine")
+    return [exe, *args] if exe else [sys.executable, "-m", "nanoengine", *args]
 
 
 def nanoengine(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("nanoengine") or sys.executable
-    prefix = [exe] if exe != sys.executable else [sys.executable, "-m", "nanoengine"]
-    return subprocess.run([*prefix, *args], input=stdin, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command(*args), input=stdin, capture_output=True, text=True, timeout=300)
 
 
 def test_complete_prints_a_sensible_answer(smollm2_folder):
@@ -20,10 +37,12 @@ def test_complete_prints_a_sensible_answer(smollm2_folder):
     assert "new tokens" in done.stderr
 
 
-def test_complete_reads_the_prompt_from_stdin(smollm2_folder):
+def test_complete_reads_the_prompt_from_stdin_and_streams_what_the_library_returns(smollm2_folder):
+    expected = Completion.create(DEFAULT_MODEL, "The capital of France is", 5, temperature=0, timeout=120).output
     done = nanoengine("complete", "--max-new-tokens", "5", stdin="The capital of France is")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip()
+    assert done.stdout == expected.text + "\n"
+    assert f"[{expected.num_prompt_tokens} prompt tokens, 5 new tokens" in done.stderr
 
 
 def test_python_dash_m_works_too(smollm2_folder):
@@ -42,3 +61,106 @@ def test_unknown_model_is_a_one_line_error():
     assert done.returncode == 1
     assert done.stderr.strip().startswith("nanoengine: error: unknown model 'no-such-model'")
     assert "Traceback" not in done.stderr
+
+
+# --- the Completion facade behind `complete`, usage errors, Ctrl-C, serve and bench ---
+
+PROMPT = "The capital of France is"
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class Lines:
+    """The lines of a process's pipe, read in a thread so that waiting for one can time out."""
+
+    def __init__(self, stream) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self._queue.put(line) for line in stream], daemon=True).start()
+
+    def wait_for(self, pattern: str, seconds: float) -> re.Match:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.seen.append(self._queue.get(timeout=0.1))
+            except queue.Empty:
+                continue
+            if found := re.search(pattern, self.seen[-1]):
+                return found
+        raise AssertionError(f"no line matched {pattern!r} in {seconds} s; got: {''.join(self.seen)}")
+
+
+def test_no_stream_and_stop_sequences(smollm2_folder):
+    expected = Completion.create(DEFAULT_MODEL, PROMPT, 6, temperature=0, timeout=120, stop_sequences=["."])
+    done = nanoengine("complete", "--no-stream", "--stop", ".", "--stop", "!", "--max-new-tokens", "6", PROMPT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected.output.text + "\n" and "." not in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["complete", "hi", "--top-k", "0"], "nanoengine complete: error: top_k"),
+        (["complete", "hi", "--max-new-tokens", "many"], "invalid int value"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, message):
+    done = nanoengine(*args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_stops_the_generation_cleanly(smollm2_folder):
+    process = start("complete", "--max-new-tokens", "400", "1, 2, 3, 4, 5, 6, 7, 8,")  # counts on and on
+    try:
+        assert process.stdout.read(8), "no text came before the end"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr and "terminate called" not in stderr
+
+
+def test_models_lists_sizes_and_folders(smollm2_folder):
+    done = nanoengine("models")
+    assert done.returncode == 0, done.stderr
+    header, *rows = done.stdout.splitlines()
+    assert header.split("\t")[:4] == ["NAME", "STATE", "SIZE", "FOLDER"]
+    name, state, size, folder, _ = next(row.split("\t") for row in rows if row.startswith(DEFAULT_MODEL))
+    assert state == "present" and size.endswith(" MiB") and Path(folder) == smollm2_folder
+
+
+def test_bench_hands_its_arguments_to_the_benchmark_script():
+    done = nanoengine("bench", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout
+
+
+def test_serve_answers_the_llmengine_client_and_stops_on_ctrl_c(smollm2_folder, monkeypatch):
+    import llmengine
+
+    process = start("serve", "--port", "0")
+    try:
+        stderr = Lines(process.stderr)
+        found = stderr.wait_for(r"running on (http://127\.0\.0\.1:\d+)", seconds=120)
+        monkeypatch.setenv("LLM_ENGINE_BASE_PATH", found.group(1) + "/")
+        response = llmengine.Completion.create(model=DEFAULT_MODEL, prompt=PROMPT, max_new_tokens=3, temperature=0)
+        assert response.output.num_completion_tokens == 3
+        logged = stderr.wait_for(r"(\S+) sync model=(\S+) tokens=(\d+) [\d.]+s 200", seconds=10)
+        assert logged.groups() == (response.request_id, DEFAULT_MODEL, "3")
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 130)
+    assert not any("Traceback" in line or "terminate called" in line for line in stderr.seen)
+
+
+def test_serve_refuses_a_model_it_cannot_find():
+    done = nanoengine("serve", "--models", "no-such-model")
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("nanoengine: error: --models 'no-such-model'")

@@ -1,49 +1,135 @@
-"""The `nanoengine` command line."""
+"""The `nanoengine` command line (also `python -m nanoengine`).
+
+Exit codes: 0 success, 2 a usage error (a bad option or parameter value), 1 any other failure,
+130 interrupted by Ctrl-C. Expected errors print one line, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 
-from .errors import NanoEngineError
-from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, resolve_model
+from .errors import InvalidParameterError, NanoEngineError
 from .fetch import is_checkpoint
+from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, weights_root
 
 logger = logging.getLogger("nanoengine")
 
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+EXAMPLES = """examples:
+  nanoengine complete --chat "What is the capital of France?"
+  echo "Once upon a time" | nanoengine complete --temperature 0.7 --seed 1
+  nanoengine serve --port 5005          # then: LLM_ENGINE_BASE_PATH=http://127.0.0.1:5005/
+  nanoengine models
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoengine", description="Run small language models locally.")
+    parser = argparse.ArgumentParser(
+        prog="nanoengine",
+        description="Run small language models locally: complete prompts, or serve LLM Engine's REST API.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    complete = commands.add_parser("complete", help="complete a prompt, streaming the text as it comes")
-    complete.add_argument("prompt", nargs="?", help="the prompt (read from stdin when left out)")
-    complete.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name or checkpoint folder (default: {DEFAULT_MODEL})")
-    complete.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
-    complete.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
-    complete.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
-    complete.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    complete.add_argument("--top-p", type=float, default=None, help="sample from the smallest set reaching probability p")
-    complete.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
-    complete.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights' dtype")
-    complete.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
-
-    fetch_cmd = commands.add_parser("fetch", help="download and convert a registered model's weights")
-    fetch_cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY), help="registered model name")
-
-    commands.add_parser("models", help="list the registered models and whether they are present")
+    add_complete(commands)
+    add_serve(commands)
+    fetch_cmd = commands.add_parser(
+        "fetch", help="download and convert a registered model's weights", description=fetch_description()
+    )
+    fetch_cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY), help="registered name")
+    commands.add_parser(
+        "models",
+        help="list the registered models and the checkpoints present, with sizes and folders",
+        description=f"Lists registered models and checkpoint folders under {weights_root()} "
+        "(set $NANOENGINE_WEIGHTS_DIR to keep them elsewhere).",
+    )
+    commands.add_parser(
+        "bench",
+        help="run the benchmarks (nanoengine bench --help for their options)",
+        add_help=False,  # --help goes to the benchmark script
+        prefix_chars="\0",  # every argument goes to the benchmark script
+    ).add_argument("bench_args", nargs="*", metavar="ARG")
     return parser
 
 
+def add_model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--dtype", help="float32, bfloat16, float16, auto (default: float32 on CPU, bfloat16 on CUDA)")
+    command.add_argument("--device", help="cpu, cuda or auto (default: cpu)")
+
+
+def add_complete(commands: argparse._SubParsersAction) -> None:
+    complete = commands.add_parser(
+        "complete",
+        help="complete a prompt, streaming the text as it comes",
+        description="Complete a prompt with a local model. The text goes to stdout as it is generated; "
+        "token counts and speed go to stderr. Ctrl-C stops the generation.",
+    )
+    complete.add_argument("prompt", nargs="?", help="the prompt (read from stdin when left out)")
+    option = complete.add_argument
+    option("--model", default=DEFAULT_MODEL, help=f"registered name or checkpoint folder (default: {DEFAULT_MODEL})")
+    option("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    option("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default: 128)")
+    option("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy; higher, more varied (default: 0)")
+    option("--top-k", type=int, metavar="K", help="sample only from the K most likely tokens")
+    option("--top-p", type=float, metavar="P", help="sample only from the likeliest tokens that reach probability P")
+    option("--seed", type=int, help="random seed: the same seed gives the same text")
+    option("--stop", action="append", metavar="TEXT", help="end the completion at TEXT (repeat for several)")
+    option("--timeout", type=float, default=600.0, metavar="SECONDS", help="give up after this long (default: 600)")
+    option("--no-stream", action="store_true", help="print the whole completion at the end instead")
+    add_model_options(complete)
+
+
+def add_serve(commands: argparse._SubParsersAction) -> None:
+    from .server import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve LLM Engine's REST API, for the llmengine client and curl",
+        description="Serve LLM Engine's v1 REST API. Existing code using the llmengine client works "
+        "unchanged with LLM_ENGINE_BASE_PATH=http://HOST:PORT/ set. Needs the server extra: "
+        "pip install 'nanoengine[server]'.",
+    )
+    option = serve.add_argument
+    option("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
+    option("--port", type=int, default=DEFAULT_PORT, help=f"port; 0 picks a free one (default: {DEFAULT_PORT})")
+    option("--api-key", metavar="KEY", help="require this key (default: $NANOENGINE_API_KEY, else no key)")
+    option(
+        "--models", nargs="+", metavar="MODEL",
+        help=f"what to serve: registered names, checkpoint folders, or NAME=FOLDER (default: {DEFAULT_MODEL})",
+    )  # fmt: skip
+    option(
+        "--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
+        help=f"longest a request may take (default: {DEFAULT_REQUEST_TIMEOUT:g})",
+    )  # fmt: skip
+    add_model_options(serve)
+
+
+def fetch_description() -> str:
+    return "Downloads a registered model's weights and converts them into a checkpoint folder. " + " ".join(
+        f"{name}: {model.description} (licence: {model.source.license})." for name, model in REGISTRY.items()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log_format = "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
+    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench}
     try:
-        return {"complete": run_complete, "fetch": run_fetch, "models": run_models}[args.command](args)
-    except NanoEngineError as err:
+        return run[args.command](args)
+    except InvalidParameterError as err:
+        print(f"nanoengine {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (NanoEngineError, TimeoutError) as err:
         print(f"nanoengine: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -51,29 +137,65 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run_complete(args: argparse.Namespace) -> int:
-    from .generation import generate
-    from .loading import load_model
-    from .sampling import SamplingParams
-    from .tokenizer import IncrementalDetokenizer, Tokenizer
+def configure_model_options(args: argparse.Namespace) -> None:
+    from .engine import configure
 
+    configure(dtype=args.dtype, device=args.device)
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    from .completion import Completion
+    from .engine import get_model
+
+    configure_model_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    folder = resolve_model(args.model)
-    model = load_model(folder, dtype=args.dtype, device=args.device)
-    tokenizer = Tokenizer.from_folder(folder)
+    loaded = get_model(args.model)  # loaded before the clock starts: the speed shown is the model's
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    prompt_ids = tokenizer.encode(prompt)
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    start, count = time.perf_counter(), 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, sampling):
-        count += 1
-        sys.stdout.write(detokenizer.add(token.id))
-        sys.stdout.flush()
-    elapsed = time.perf_counter() - start
+        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    params = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
+        stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    start = time.perf_counter()
+    if args.no_stream:
+        output = Completion.create(args.model, prompt, **params).output
+        print(output.text)
+        report_speed(output.num_prompt_tokens, output.num_completion_tokens, start, None)
+        return 0
+    first = None
+    with closing(Completion.create(args.model, prompt, stream=True, **params)) as stream:
+        for chunk in stream:
+            first = first or time.perf_counter()
+            sys.stdout.write(chunk.output.text)
+            sys.stdout.flush()
     sys.stdout.write("\n")
-    logger.info("[%d prompt tokens, %d new tokens, %.1f tokens/s]", len(prompt_ids), count, count / elapsed)
+    report_speed(chunk.output.num_prompt_tokens, chunk.output.num_completion_tokens, start, first)
+    return 0
+
+
+def report_speed(prompt_tokens: int | None, new_tokens: int | None, start: float, first: float | None) -> None:
+    end = time.perf_counter()
+    speed = f"{new_tokens / (end - start):.1f} tokens/s"
+    if first is not None:
+        speed += f", first text after {first - start:.2f} s"
+    logger.info("[%s prompt tokens, %s new tokens, %s]", prompt_tokens, new_tokens, speed)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .server import ServerSettings, preload, serve, served_models
+
+    configure_model_options(args)
+    settings = ServerSettings(
+        models=served_models(args.models),
+        api_key=args.api_key or os.environ.get("NANOENGINE_API_KEY") or None,
+        request_timeout=args.request_timeout,
+    )
+    if settings.request_timeout <= 0:
+        raise InvalidParameterError(f"--request-timeout must be > 0, not {settings.request_timeout:g}")
+    preload(settings)
+    serve(settings, host=args.host, port=args.port)
     return 0
 
 
@@ -83,8 +205,35 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_models(args: argparse.Namespace) -> int:
+    """One line per model: name, state, size, folder, description (tab-separated)."""
+    print("\t".join(["NAME", "STATE", "SIZE", "FOLDER", "DESCRIPTION"]))
     for name, model in REGISTRY.items():
         folder = registered_folder(name)
-        state = "present" if is_checkpoint(folder) else "not fetched"
-        print(f"{name}\t{state}\t{folder}\t{model.description} (licence: {model.source.license})")
+        present = is_checkpoint(folder)
+        state, size = ("present", folder_size(folder)) if present else ("not fetched", "-")
+        print(f"{name}\t{state}\t{size}\t{folder}\t{model.description} (licence: {model.source.license})")
+    for folder in unregistered_checkpoints():
+        print(f"{folder.name}\tpresent\t{folder_size(folder)}\t{folder}\tunregistered: use its path as the model")
     return 0
+
+
+def unregistered_checkpoints() -> Iterator[Path]:
+    root = weights_root()
+    if root.is_dir():
+        yield from (f for f in sorted(root.iterdir()) if f.name not in REGISTRY and f.is_dir() and is_checkpoint(f))
+
+
+def folder_size(folder: Path) -> str:
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return f"{size / 2**20:.0f} MiB"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run `benchmarks/bench.py`, which lives in the source checkout, not in an installed package."""
+    if not BENCH_SCRIPT.is_file():
+        raise NanoEngineError(f"the benchmarks come with the source checkout only ({BENCH_SCRIPT} is missing)")
+    spec = importlib.util.spec_from_file_location("nanoengine_bench", BENCH_SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench.main(args.bench_args)
