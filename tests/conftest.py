@@ -75,3 +75,9 @@ def smollm2_reference(smollm2_folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_folder() -> Path:
+    """Gemma 3 270M's folder, fetched (download of the split GGUF, assembly, conversion) when missing."""
+    return fetch_model("gemma-3-270m")

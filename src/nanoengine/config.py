@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 
 @dataclass(frozen=True)
@@ -44,54 +42,57 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(
-                f"config.json has model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
         try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            theta, scaling = _read_rope(raw)
-            return cls(
-                model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", False)),
-                mlp_bias=bool(raw.get("mlp_bias", False)),
-                bos_token_id=raw.get("bos_token_id"),
-                eos_token_ids=_as_ids(raw.get("eos_token_id")),
-            )
+            return cls(**cls.fields_from(raw))
         except KeyError as missing:
             raise CheckpointError(f"config.json lacks the field {missing}") from None
 
     @classmethod
+    def fields_from(cls, raw: dict[str, Any]) -> dict[str, Any]:
+        """This class's fields from the raw `config.json`; a family's subclass adds its own."""
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        theta, scaling = _read_rope(raw)
+        return dict(
+            model_type=raw.get("model_type", "llama"),
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=_as_ids(raw.get("eos_token_id")),
+        )
+
+    @classmethod
     def from_folder(cls, folder: str | Path) -> ModelConfig:
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {Path(folder)}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-        config = cls.from_dict(raw)
-        # generation_config.json, when present, has the final word on end-of-sequence ids.
-        generation = Path(folder) / "generation_config.json"
-        if generation.is_file():
-            eos = _as_ids(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id"))
-            if eos:
-                config = replace(config, eos_token_ids=eos)
-        return config
+        return cls.from_dict(read_config(folder))
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The raw `config.json`, with the end-of-sequence ids of `generation_config.json` if it has any."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {Path(folder)}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    generation = Path(folder) / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id")
+        if eos is not None:
+            raw = {**raw, "eos_token_id": eos}
+    return raw
 
 
 def _read_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -1,18 +1,23 @@
 """GGUF to a Hugging Face style folder: config.json, model.safetensors, tokenizer.json.
 
-GGUF files keep llama.cpp's names and layouts. Three things differ from the Hugging Face
-checkpoint the model was converted from, and are undone here:
+GGUF files keep llama.cpp's names and layouts, and the tokenizer is stored as metadata arrays
+(vocabulary, merges, token types), not as JSON. This module holds the driver, which dequantizes
+every tensor to float32 with the `gguf` package's reference code, and the `Family` table of what
+differs per architecture (`general.architecture`): config.json, tensor names, tensor fixes and
+the tokenizer. The Llama family lives here; Gemma 3 in `convert_gemma`.
+
+Llama GGUFs differ from the Hugging Face checkpoint they were converted from in three ways:
 - tensor names (`blk.0.attn_q.weight` is `model.layers.0.self_attn.q_proj.weight`);
 - the rows of the q and k projections are permuted for llama.cpp's interleaved rotary layout;
-- the tokenizer is stored as metadata arrays (vocabulary, merges, token types), not as JSON.
-Quantized tensors are dequantized to float32 with the `gguf` package's reference code.
+- the byte-level BPE tokenizer's pre-tokenizer is only named (`tokenizer.ggml.pre`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,10 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from . import convert_gemma
+from .convert_common import add_gguf_special_tokens, float32_value, read_metadata, renamed_tensor
 from .errors import FetchError
 
 logger = logging.getLogger(__name__)
@@ -47,38 +54,24 @@ BYTE_LEVEL_SPLITS = {
     "gpt2": [pre_tokenizers.ByteLevel(add_prefix_space=False)],
     "default": [pre_tokenizers.ByteLevel(add_prefix_space=False)],
 }
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
-
-
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Every metadata field as a Python value (arrays as lists)."""
-    return {key: field.contents() for key, field in reader.fields.items() if field.types}
-
-
-def _round(value: float) -> float:
-    """GGUF stores float32; `9.999999747378752e-06` was written as 1e-05."""
-    return float(f"{value:.7g}")
 
 
 def hf_config(meta: dict[str, Any], tied_embeddings: bool) -> dict[str, Any]:
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise FetchError(f"GGUF architecture {arch!r} is not supported by the converter (supported: llama)")
-    heads = int(meta[f"{arch}.attention.head_count"])
-    hidden = int(meta[f"{arch}.embedding_length"])
+    heads = int(meta["llama.attention.head_count"])
+    hidden = int(meta["llama.embedding_length"])
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(meta.get(f"{arch}.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "vocab_size": int(meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"]))),
         "hidden_size": hidden,
-        "intermediate_size": int(meta[f"{arch}.feed_forward_length"]),
-        "num_hidden_layers": int(meta[f"{arch}.block_count"]),
+        "intermediate_size": int(meta["llama.feed_forward_length"]),
+        "num_hidden_layers": int(meta["llama.block_count"]),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(meta[f"{arch}.context_length"]),
-        "rms_norm_eps": _round(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": _round(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get("llama.attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(meta["llama.context_length"]),
+        "rms_norm_eps": float32_value(meta["llama.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": float32_value(meta.get("llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": tied_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -97,29 +90,15 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    stem, _, suffix = gguf_name.rpartition(".")  # suffix: weight or bias
-    if stem in GLOBAL_TENSORS:
-        return f"{GLOBAL_TENSORS[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in LAYER_TENSORS:
-        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{suffix}"
-    raise FetchError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart")
+    return renamed_tensor(gguf_name, LAYER_TENSORS, GLOBAL_TENSORS)
 
 
-def hf_tensors(reader: GGUFReader, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Each tensor dequantized to float32, under its Hugging Face name and layout."""
-    total = len(reader.tensors)
-    for i, tensor in enumerate(reader.tensors, start=1):
-        name = hf_tensor_name(tensor.name)
-        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-        weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
-        if name.endswith("q_proj.weight"):
-            weight = unpermute_rows(weight, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            weight = unpermute_rows(weight, config["num_key_value_heads"])
-        if i % max(1, total // 10) == 0 or i == total:
-            logger.info("dequantized %d/%d tensors", i, total)
-        yield name, np.ascontiguousarray(weight)
+def hf_tensor(name: str, weight: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+    if name.endswith("q_proj.weight"):
+        return unpermute_rows(weight, config["num_attention_heads"])
+    if name.endswith("k_proj.weight"):
+        return unpermute_rows(weight, config["num_key_value_heads"])
+    return weight
 
 
 def byte_level_tokenizer(meta: dict[str, Any]) -> Tokenizer:
@@ -135,14 +114,49 @@ def byte_level_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(BYTE_LEVEL_SPLITS[pre])
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tokenizer.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == CONTROL]
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED]
-    )
+    add_gguf_special_tokens(tokenizer, meta)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs per architecture when a GGUF becomes a Hugging Face folder."""
+
+    config: Callable[[dict[str, Any], bool], dict[str, Any]]  # (metadata, tied embeddings) -> config.json
+    tensor_name: Callable[[str], str]  # GGUF tensor name -> Hugging Face name
+    tensor: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray]  # (HF name, float32 weight, config) -> weight
+    tokenizer: Callable[[dict[str, Any]], Tokenizer]
+
+
+FAMILIES = {
+    "llama": Family(hf_config, hf_tensor_name, hf_tensor, byte_level_tokenizer),
+    "gemma3": Family(
+        convert_gemma.hf_config,
+        convert_gemma.hf_tensor_name,
+        convert_gemma.hf_tensor,
+        convert_gemma.sentencepiece_tokenizer,
+    ),
+}
+
+
+def family_of(meta: dict[str, Any]) -> Family:
+    arch = meta["general.architecture"]
+    if arch not in FAMILIES:
+        supported = ", ".join(FAMILIES)
+        raise FetchError(f"GGUF architecture {arch!r} is not supported by the converter (supported: {supported})")
+    return FAMILIES[arch]
+
+
+def hf_tensors(reader: GGUFReader, family: Family, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """Each tensor dequantized to float32, under its Hugging Face name and layout."""
+    total = len(reader.tensors)
+    for i, tensor in enumerate(reader.tensors, start=1):
+        name = family.tensor_name(tensor.name)
+        shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        weight = dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
+        if i % max(1, total // 10) == 0 or i == total:
+            logger.info("dequantized %d/%d tensors", i, total)
+        yield name, np.ascontiguousarray(family.tensor(name, weight, config))
 
 
 def tokenizer_settings(meta: dict[str, Any]) -> dict[str, Any]:
@@ -171,10 +185,11 @@ def convert_gguf(gguf_path: str | Path, out_folder: str | Path) -> None:
     out = Path(out_folder)
     reader = GGUFReader(str(gguf_path))
     meta = read_metadata(reader)
-    config = hf_config(meta, tied_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+    family = family_of(meta)
+    config = family.config(meta, not any(t.name == "output.weight" for t in reader.tensors))
     logger.info("converting %s: %d tensors", Path(gguf_path).name, len(reader.tensors))
-    save_file(dict(hf_tensors(reader, config)), str(out / "model.safetensors"), metadata={"format": "pt"})
-    byte_level_tokenizer(meta).save(str(out / "tokenizer.json"))
+    save_file(dict(hf_tensors(reader, family, config)), str(out / "model.safetensors"), metadata={"format": "pt"})
+    family.tokenizer(meta).save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_settings(meta))
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
     _write_json(out / "generation_config.json", generation)

