@@ -69,7 +69,7 @@ def _generate(model, prompt_ids, max_new_tokens, sampling, eos_ids) -> Iterator[
         model.config,
         batch_size=1,
         max_len=cache_length(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings),
-        dtype=model.lm_head.weight.dtype,
+        dtype=model.compute_dtype,
         device=device,
     )
     sampler = Sampler(sampling, model.config.vocab_size, device)

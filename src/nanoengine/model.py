@@ -5,6 +5,11 @@ Module attribute names follow the Hugging Face checkpoint keys (`model.layers.0.
 
 Shapes in comments: B batch, T new tokens, L cache length, C hidden size, nh query heads,
 nkv key/value heads, hd head size, V vocabulary.
+
+Weights may be stored in a smaller dtype than the activations (bfloat16, float16, or int8 with
+scales, see `quantize.py`): each projection upcasts its weight as it uses it. On CPU the activations
+stay float32 whatever the weights' dtype, because half-precision arithmetic is slow there; what the
+smaller weights buy is memory traffic, which is what a one-token decode step is bound by.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, L, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_len, device=device)  # (L,)
+        # One view per layer, made once: a compiled step then writes each in place, where views
+        # taken inside the step made it copy the whole cache back at every layer.
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # layers x (B, nkv, L, hd)
 
     @property
     def max_len(self) -> int:
@@ -42,14 +50,41 @@ class KVCache:
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys and values at `input_pos`; return the layer's whole buffers."""
-        k_all, v_all = self.k[layer], self.v[layer]  # (B, nkv, L, hd)
+        k_all, v_all = self.k_layers[layer], self.v_layers[layer]  # (B, nkv, L, hd)
         k_all.index_copy_(2, input_pos, k)
         v_all.index_copy_(2, input_pos, v)
         return k_all, v_all
 
-    def causal_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+    def causal_mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """True where a query at `input_pos` may attend: every cache position up to its own."""
-        return self.positions[None, :] <= input_pos[:, None]  # (T, L)
+        return causal_mask(input_pos, self.positions, window)  # (T, L)
+
+
+def causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """True where a query may attend a key: at or before its own position, and, with a sliding
+    `window`, fewer than `window` positions back."""
+    mask = key_pos[None, :] <= query_pos[:, None]  # (T, L)
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
+    return mask
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in x's dtype, whatever dtype `weight` (out, in) is stored in."""
+    if x.shape[-2] == 1 and torch.compiler.is_compiling():
+        # One token: a matrix-vector product. Written as multiply-and-sum, inductor emits a single
+        # vectorised pass over the weight that upcasts as it reads, at memory speed; the stock
+        # kernels are 2x (float32) to 10x (half, int8) slower on CPU.
+        return (x.unsqueeze(-2) * weight.to(x.dtype)).sum(-1)  # (..., 1, out)
+    return F.linear(x, weight.to(x.dtype))  # (..., T, out); upcasts one matrix at a time
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose weight may be stored in a smaller dtype than its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = project(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +97,7 @@ class RMSNorm(nn.Module):
         # Normalise in float32 whatever the weights' dtype, as the reference does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight.to(x.dtype) * x32.to(x.dtype)
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -118,6 +153,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin  # (B, heads, T, hd)
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    input_pos: torch.Tensor,
+    cache: KVCache | None,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, nh, T, hd) over the new k/v, or over the cache.
+
+    Without a cache the T tokens are the whole sequence from position 0, and a None mask means
+    plainly causal. With one, the new keys and values are written into it first.
+    """
+    if cache is not None:
+        k, v = cache.update(layer_idx, input_pos, k, v)  # (B, nkv, L, hd)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )  # (B, nh, T, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -126,10 +183,10 @@ class Attention(nn.Module):
         self.n_kv_head = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
 
     def forward(
         self,
@@ -145,12 +202,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            # No cache: the T tokens are the whole sequence, from position 0.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, nh, T, hd)
-        else:
-            k, v = cache.update(self.layer_idx, input_pos, k, v)  # (B, nkv, L, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
+        y = attend(q, k, v, self.layer_idx, input_pos, cache, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)  # (B, T, C)
 
@@ -161,19 +213,21 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    attention_class = Attention  # a family swaps in its own
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -185,35 +239,78 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """The stack under the head: embeddings, layers, final norm (checkpoint prefix `model.`)."""
 
+    layer_class = DecoderLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+    def forward(
+        self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids).to(dtype)  # (B, T, C)
         cos, sin = self.rotary_emb(input_pos, x.dtype)  # (T, hd) each
-        mask = cache.causal_mask(input_pos) if cache is not None else None  # (T, L)
+        mask = self.attention_mask(input_pos, cache)  # (T, L) or None
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, cache, mask)
         return self.norm(x)  # (B, T, C)
+
+    def attention_mask(self, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
+        """Where each query may attend; None for plainly causal attention without a cache."""
+        return cache.causal_mask(input_pos) if cache is not None else None  # (T, L)
 
 
 class CausalLM(nn.Module):
     """Decoder plus output head: token ids in, next-token logits out."""
 
+    decoder_class = Decoder
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = self.decoder_class(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        self.decode_step = None  # set by compile_decode_step()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            if hasattr(self.lm_head, "scale"):  # int8: the scales are shared too
+                self.lm_head.scale = self.model.embed_tokens.scale
+
+    def store_transposed(self) -> None:
+        """Keep each layer's weights (out, in) in column-major memory: same shapes, same values.
+
+        For one token on CPU, MKL multiplies `x @ W` over an (in, out) row-major matrix about 20%
+        faster than `F.linear` over (out, in), and a transposed view turns the one into the other.
+        """
+        for layer in self.model.layers:
+            for module in layer.modules():
+                if isinstance(module, Linear):
+                    module.weight.data = module.weight.data.t().contiguous().t()
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' (and KV cache's) dtype: float32 on CPU, else the weights' float dtype."""
+        dtype = self.model.norm.weight.dtype
+        return torch.float32 if self.model.norm.weight.device.type == "cpu" else dtype
+
+    def compile_decode_step(self) -> None:
+        """Compile the one-token step with `torch.compile` (the prompt's pass stays eager).
+
+        The step's shapes only change with the cache's length, which generation rounds up to
+        buckets, so a generation compiles once per bucket (the first costs about a minute on 2
+        cores; inductor caches its kernels on disk for the next process).
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                # The compiled multiply-and-sum streams a row-major (out, in) weight best.
+                module.weight.data = module.weight.data.contiguous()
+        self.decode_step = torch.compile(self._forward, fullgraph=True)
 
     def forward(
         self,
@@ -229,7 +326,14 @@ class CausalLM(nn.Module):
         """
         if input_pos is None:
             input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.model(input_ids, input_pos, cache)  # (B, T, C)
+        if self.decode_step is not None and cache is not None and input_ids.shape[1] == 1:
+            return self.decode_step(input_ids, input_pos, cache, last_only)
+        return self._forward(input_ids, input_pos, cache, last_only)
+
+    def _forward(
+        self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None, last_only: bool
+    ) -> torch.Tensor:
+        x = self.model(input_ids, input_pos, cache, self.compute_dtype)  # (B, T, C)
         if last_only:
             # Generation only needs the next token: skip the head on every other position.
             x = x[:, -1:, :]  # (B, 1, C)
