@@ -112,3 +112,30 @@ def test_greedy_equals_transformers_generate(checkpoint):
             torch.tensor([prompt]), max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0
         )[0, len(prompt) :].tolist()
     assert [t.id for t in generate(load_model(folder), prompt, 40, eos_ids=())] == expected
+
+
+def byte_level_tokenizer_json(folder) -> None:
+    """A 256-token byte-level tokenizer, enough to drive a tiny model through the Completion API."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def test_completion_api_serves_the_family_by_folder(checkpoint):
+    from nanoengine import Completion, Tokenizer
+
+    name, folder, _ = checkpoint
+    byte_level_tokenizer_json(folder)
+    response = Completion.create(
+        model_name=str(folder), prompt="Hello world", max_new_tokens=8, temperature=0, return_token_log_probs=True
+    )
+    tokenizer = Tokenizer.from_folder(folder)
+    expected = list(generate(load_model(folder), tokenizer.encode("Hello world"), 8))
+    # A random model's bytes seldom form UTF-8 text, so compare token by token.
+    assert [t.token for t in response.output.tokens] == [tokenizer.decode([t.id], False) for t in expected]
+    assert [t.log_prob for t in response.output.tokens] == pytest.approx([t.logprob for t in expected], abs=1e-5)
+    assert response.output.num_completion_tokens == len(expected)

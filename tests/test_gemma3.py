@@ -40,3 +40,13 @@ def test_greedy_continuation_matches_transformers(gemma3, gemma3_reference, prom
         )[0, len(ids) :].tolist()
     assert (ours_last - reference_last).abs().max().item() <= 1e-4
     assert [t.id for t in generate(model, ids, 16, eos_ids=())] == expected
+
+
+def test_completion_api_serves_gemma3_by_name(gemma3):
+    from nanoengine import Completion
+
+    model, tokenizer = gemma3
+    prompt = "The capital of France is"
+    response = Completion.create(model_name="gemma-3-270m", prompt=prompt, max_new_tokens=8, temperature=0, timeout=300)
+    ids = [t.id for t in generate(model, tokenizer.encode(prompt), 8)]
+    assert response.output.text == tokenizer.decode(ids) and response.output.num_completion_tokens == len(ids)
