@@ -56,9 +56,10 @@ def configure(
 ) -> None:
     """Set how models loaded from now on are loaded; a setting left as None stays as it was.
 
-    `dtype`: `float32`, `bfloat16`, `float16`, `int8` (weight-only) or `auto` (the fastest that
-    the device runs well; see `loading.resolve_dtype`). Unset: float32 on CPU, `auto` elsewhere.
-    `device`: `cpu`, `cuda` or `auto`. `compile`: wrap each model in `torch.compile`.
+    `dtype`: `float32`, `bfloat16`, `float16`, `int8` (weight-only, per-row scales) or `auto`
+    (bfloat16 on CUDA; on CPU float16 when compiled, else float32). Unset: float32 on CPU,
+    `auto` elsewhere. `device`: `cpu`, `cuda` or `auto`. `compile`: compile each model's
+    one-token decode step with `torch.compile` (start-up cost; see README "Performance").
     Models already loaded are kept, under their own options.
     """
     global _settings
@@ -83,12 +84,12 @@ def model_options() -> ModelOptions:
         device = resolve_device(device_name)
     except InvalidParameterError as err:
         raise InvalidParameterError(f"{err} (set by {source})") from None
-    dtype_name, source = _setting(_settings.dtype, DTYPE_ENV, None)
-    dtype = _default_dtype(device) if dtype_name is None else _check_dtype(dtype_name, source, device)
-    return ModelOptions(dtype, device, _settings.compile)
+    default_dtype = "float32" if device.type == "cpu" else "auto"  # float32 on CPU matches the reference
+    dtype_name, source = _setting(_settings.dtype, DTYPE_ENV, default_dtype)
+    return ModelOptions(_check_dtype(dtype_name, source, device, _settings.compile), device, _settings.compile)
 
 
-def _setting(configured: object, env: str, default: str | None) -> tuple[object, str]:
+def _setting(configured: object, env: str, default: str) -> tuple[object, str]:
     """The configured value, else the environment's, else the default; and where it came from."""
     if configured is not None:
         return configured, "configure()"
@@ -97,19 +98,22 @@ def _setting(configured: object, env: str, default: str | None) -> tuple[object,
     return default, "default"
 
 
-def _check_dtype(dtype: str | torch.dtype, source: str, device: torch.device | None = None) -> torch.dtype:
-    """Resolve a dtype name for `device`; `auto` is the fastest that `device` runs well."""
+def _check_dtype(
+    dtype: str | torch.dtype, source: str, device: torch.device | None = None, compile: bool = False
+) -> torch.dtype:
+    """Resolve a dtype name; `auto` is the fastest that `device` runs well with these options.
+
+    On CPU that is float32 unless the decode step is compiled: uncompiled, half-precision weights
+    are upcast one matrix at a time, which is slower than float32 itself.
+    """
+    if dtype == "auto" and (device is None or device.type == "cpu") and not compile:
+        return torch.float32
     try:
         return resolve_dtype(dtype, device)
     except InvalidParameterError:
         raise InvalidParameterError(
             f"dtype must be one of {', '.join(DTYPES)}, auto; not {dtype!r} (set by {source})"
         ) from None
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU, so that answers match the reference implementation exactly; else `auto`."""
-    return torch.float32 if device.type == "cpu" else resolve_dtype("auto", device)
 
 
 class FairLock:
@@ -175,6 +179,6 @@ def _load(folder: Path, options: ModelOptions) -> LoadedModel:
     tokenizer = Tokenizer.from_folder(folder)
     model = load_model(folder, dtype=options.dtype, device=options.device)
     if options.compile:
-        model = torch.compile(model)  # the compiled wrapper forwards attribute access to the model
+        model.compile_decode_step()  # the prompt's pass stays eager; see CausalLM.compile_decode_step
     logger.info("serving %s (%s, %s%s)", folder, options.dtype, options.device, ", compiled" if options.compile else "")
     return LoadedModel(folder, options, model, tokenizer, FairLock())

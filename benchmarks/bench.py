@@ -1,0 +1,413 @@
+"""Prefill, time to first token, decode speed and peak memory: nanoengine's modes against transformers.
+
+    python benchmarks/bench.py                 # every system, 128-token prompt, 128 new tokens, 5 runs
+    python benchmarks/bench.py --quick         # a smoke run: 1 run, 16-token prompt, 8 tokens, fp32 only
+    python benchmarks/bench.py --systems nanoengine-fp32,transformers-fp32 --runs 9
+
+Each system lives in its own worker subprocess (so that its peak resident memory is its own) that
+loads the model once and warms up (compilation included, timed apart). The parent then asks the
+workers for one measurement each, in turn, round after round, so that a noisy neighbour slows
+every system alike; it reports the median, min and max of the rounds, each figure's ratio to
+transformers fp32, and writes JSON and a PNG chart under `benchmarks/results/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BASELINE = "transformers-fp32"
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a screw press into a system that could produce "
+    "books quickly and cheaply. Within fifty years presses had spread to more than two hundred cities. "
+)
+METRICS = {  # name: (unit, higher is better)
+    "prefill_ms": ("ms", False),
+    "ttft_ms": ("ms", False),
+    "decode_tok_s": ("tok/s", True),
+}
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    backend: str  # nanoengine | transformers | llama.cpp
+    dtype: str
+    compile: bool = False
+
+
+SYSTEMS = {
+    s.name: s
+    for s in (
+        System("nanoengine-fp32", "nanoengine", "float32"),
+        System("nanoengine-fp32-compiled", "nanoengine", "float32", compile=True),
+        System("nanoengine-bf16", "nanoengine", "bfloat16"),
+        System("nanoengine-bf16-compiled", "nanoengine", "bfloat16", compile=True),
+        System("nanoengine-fp16", "nanoengine", "float16"),
+        System("nanoengine-fp16-compiled", "nanoengine", "float16", compile=True),
+        System("nanoengine-int8", "nanoengine", "int8"),
+        System("nanoengine-int8-compiled", "nanoengine", "int8", compile=True),
+        System("transformers-fp32", "transformers", "float32"),
+        System("transformers-bf16", "transformers", "bfloat16"),
+        System("llama.cpp-q4_1", "llama.cpp", "q4_1"),
+    )
+}
+QUICK_SYSTEMS = ("nanoengine-fp32", BASELINE)
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def default_systems() -> list[str]:
+    return [n for n, s in SYSTEMS.items() if s.backend != "llama.cpp" or llama_cpp_available()]
+
+
+# --- the worker: one system, one process ---------------------------------------------------------
+
+
+class Runner:
+    """Loads one system and times one generation at a time: `measure()` -> {metric: value}."""
+
+    def __init__(self, system: System, folder: Path, prompt_len: int, new_tokens: int) -> None:
+        import torch
+
+        from nanoengine import Tokenizer
+
+        self.system, self.folder, self.new_tokens = system, folder, new_tokens
+        ids = Tokenizer.from_folder(folder).encode(PROMPT_TEXT * (1 + prompt_len // 40), add_special_tokens=False)
+        assert len(ids) >= prompt_len, "the benchmark prompt is too short"
+        self.prompt = ids[:prompt_len]
+        self.torch = torch
+        start = time.perf_counter()
+        getattr(self, f"_load_{system.backend.replace('.', '_')}")()
+        self.load_s = time.perf_counter() - start
+
+    def _load_nanoengine(self) -> None:
+        from nanoengine import load_model
+
+        self.model = load_model(self.folder, dtype=self.system.dtype)
+        if self.system.compile:
+            self.model.compile_decode_step()
+
+    def _load_transformers(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(self.torch, self.system.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).eval()
+
+    def _load_llama_cpp(self) -> None:
+        from llama_cpp import Llama
+
+        gguf = next(self.folder.glob("*.gguf"))
+        self.model = Llama(str(gguf), n_ctx=512, n_threads=self.torch.get_num_threads(), verbose=False)
+
+    def measure(self) -> dict[str, float]:
+        """Prefill alone, then a whole generation: time to first token and decode rate."""
+        prefill_s = getattr(self, f"_prefill_{self.system.backend.replace('.', '_')}")()
+        stamps = getattr(self, f"_generate_{self.system.backend.replace('.', '_')}")()
+        start, first, last = stamps[0], stamps[1], stamps[-1]
+        return {
+            "prefill_ms": prefill_s * 1e3,
+            "ttft_ms": (first - start) * 1e3,
+            "decode_tok_s": (len(stamps) - 2) / (last - first),
+            "tokens": len(stamps) - 1,
+        }
+
+    def _prefill_nanoengine(self) -> float:
+        from nanoengine import KVCache
+
+        torch, model = self.torch, self.model
+        cache = KVCache(model.config, 1, len(self.prompt), model.compute_dtype, "cpu")
+        ids = torch.tensor([self.prompt])  # (1, T)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(ids, torch.arange(len(self.prompt)), cache, last_only=True)
+            return time.perf_counter() - start
+
+    def _generate_nanoengine(self) -> list[float]:
+        from nanoengine import generate
+
+        stamps = [time.perf_counter()]
+        for _ in generate(self.model, self.prompt, self.new_tokens, eos_ids=()):
+            stamps.append(time.perf_counter())
+        return stamps
+
+    def _prefill_transformers(self) -> float:
+        torch = self.torch
+        ids = torch.tensor([self.prompt])  # (1, T)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            self.model(ids, use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - start
+
+    def _generate_transformers(self) -> list[float]:
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps = [time.perf_counter()]
+
+        class Stamper(BaseStreamer):
+            def put(self, value) -> None:
+                if value.ndim == 1:  # the prompt comes first, as (1, T): not a token
+                    stamps.append(time.perf_counter())
+
+            def end(self) -> None:
+                pass
+
+        ids = self.torch.tensor([self.prompt])
+        n = self.new_tokens
+        with self.torch.inference_mode():
+            self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=2, streamer=Stamper(),
+            )  # fmt: skip
+        return stamps
+
+    def _prefill_llama_cpp(self) -> float:
+        self.model.reset()
+        start = time.perf_counter()
+        self.model.eval(self.prompt)
+        return time.perf_counter() - start
+
+    def _generate_llama_cpp(self) -> list[float]:
+        self.model.reset()
+        stamps = [time.perf_counter()]
+        for i, _ in enumerate(self.model.generate(self.prompt, top_k=1, reset=True)):
+            stamps.append(time.perf_counter())
+            if i + 1 == self.new_tokens:
+                break
+        return stamps
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Serve the parent over stdin/stdout, one JSON line per request ("run" or "quit")."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if SYSTEMS[args.worker].backend == "transformers":
+        import transformers  # noqa: F401  (in the baseline RSS, as nanoengine's imports are)
+    base_rss = peak_rss_mb()
+    runner = Runner(SYSTEMS[args.worker], Path(args.folder), args.prompt_len, args.new_tokens)
+    start = time.perf_counter()
+    runner.measure()  # warm-up: first-call costs and compilation, excluded from the figures
+    warmup_s = time.perf_counter() - start
+    reply({"load_s": runner.load_s, "warmup_s": warmup_s, "base_rss_mb": base_rss})
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            reply({"peak_rss_mb": peak_rss_mb()})
+            return
+        reply(runner.measure())
+
+
+def reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --- the parent: alternate between workers, summarise -------------------------------------------
+
+
+class Worker:
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--worker", name, "--folder", str(args.folder),
+            "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
+            "--new-tokens", str(args.new_tokens),
+        ]  # fmt: skip
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self.ask(None)  # the worker speaks first, once warmed up
+        self.runs: list[dict[str, float]] = []
+
+    def ask(self, request: str | None) -> dict:
+        if request is not None:
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.name} died (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.info.update(self.ask("quit"))
+        self.proc.wait()
+
+
+def summarise(worker: Worker) -> dict:
+    row = {"system": worker.name, **SYSTEMS[worker.name].__dict__, **worker.info}
+    for metric in METRICS:
+        values = [run[metric] for run in worker.runs]
+        row[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+    row["model_rss_mb"] = row["peak_rss_mb"] - row["base_rss_mb"]
+    return row
+
+
+def run_benchmark(
+    systems: list[str] | None = None,
+    runs: int = 5,
+    threads: int = 2,
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    folder: str | Path | None = None,
+) -> dict:
+    """Run the benchmark and return its results (what the JSON file holds)."""
+    import torch
+
+    from nanoengine import DEFAULT_MODEL, fetch_model
+
+    folder = Path(folder) if folder else fetch_model(DEFAULT_MODEL)
+    systems = systems or default_systems()
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    args = argparse.Namespace(folder=folder, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens)
+    workers = []
+    try:
+        for name in systems:  # one at a time: loading and compiling must not overlap either
+            workers.append(Worker(name, args))
+        for _ in range(runs):
+            for w in workers:
+                w.runs.append(w.ask("run"))
+        for w in workers:
+            w.close()
+    finally:
+        for w in workers:
+            w.proc.kill()
+    weights = folder / "model.safetensors"
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model": str(folder.name),
+        "weights_mb": weights.stat().st_size / 2**20 if weights.is_file() else None,
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu": cpu_model(),
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "baseline": BASELINE,
+        "systems": [summarise(w) for w in workers],
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(results: dict) -> str:
+    """Markdown: median (min-max) of each figure and its ratio to the baseline's median."""
+    base = next((r for r in results["systems"] if r["system"] == results["baseline"]), None)
+    lines = [
+        "| system | prefill ms | TTFT ms | decode tok/s | peak RSS MB (model) | load s | warm-up s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results["systems"]:
+        cells = [r["system"]]
+        for metric, (_, higher) in METRICS.items():
+            m = r[metric]
+            cell = f"{m['median']:.1f} ({m['min']:.1f}-{m['max']:.1f})"
+            if base:
+                b = base[metric]["median"]
+                cell += f" **{(m['median'] / b if higher else b / m['median']):.2f}x**"
+            cells.append(cell)
+        cells += [f"{r['peak_rss_mb']:.0f} ({r['model_rss_mb']:.0f})", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(results: dict, path: Path) -> Path | None:
+    """Bars of decode tok/s and prefill ms per system (min-max as error bars); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = results["systems"]
+    names = [r["system"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8))
+    for ax, metric, title in ((axes[0], "decode_tok_s", "decode (tok/s, higher is better)"),
+                              (axes[1], "prefill_ms", f"prefill of {results['prompt_tokens']} tokens (ms)")):  # fmt: skip
+        med = [r[metric]["median"] for r in rows]
+        err = [[m - r[metric]["min"] for m, r in zip(med, rows)], [r[metric]["max"] - m for m, r in zip(med, rows)]]
+        colors = ["tab:gray" if r["backend"] != "nanoengine" else "tab:blue" for r in rows]
+        ax.barh(names, med, xerr=err, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(title)
+    axes[1].set_yticklabels([])
+    fig.suptitle(f"{results['model']}, {results['cpu']}, {results['threads']} threads, torch {results['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save(results: dict, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path | None]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench-" + results["date"].replace(":", "")
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=1))
+    return json_path, chart(results, out_dir / f"{stem}.png")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--systems", help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all available)")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--folder", help="checkpoint folder (default: the default model, fetched if missing)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 run, 16-token prompt, 8 tokens, fp32 only")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.runs, args.prompt_len, args.new_tokens = 1, 16, 8
+        args.systems = args.systems or ",".join(QUICK_SYSTEMS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    results = run_benchmark(
+        args.systems.split(",") if args.systems else None,
+        args.runs, args.threads, args.prompt_len, args.new_tokens, args.folder,
+    )  # fmt: skip
+    json_path, png_path = save(results, args.out)
+    print(f"{results['model']} on {results['cpu']}, {results['threads']} threads, torch {results['torch']}; "
+          f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens, "
+          f"median (min-max) of {results['runs']} runs, ratio to {results['baseline']} in bold")  # fmt: skip
+    print(table(results))
+    print(f"results: {json_path}" + (f", chart: {png_path}" if png_path else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
