@@ -40,7 +40,7 @@ def test_configure_sets_the_options_and_leaves_the_rest():
     configure(compile=True)
     assert model_options() == engine.ModelOptions(torch.bfloat16, torch.device("cpu"), compile=True)
     configure(dtype="auto", device="cpu")
-    assert model_options().dtype == resolve_dtype("auto", torch.device("cpu"))  # the fastest, not the default
+    assert model_options().dtype == resolve_dtype("auto", torch.device("cpu"), compiled=True)  # the fastest, not the default
     configure(compile=False)  # uncompiled, half weights are slower than float32 on CPU: auto keeps float32
     assert model_options().dtype == torch.float32
 

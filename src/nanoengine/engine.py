@@ -101,15 +101,9 @@ def _setting(configured: object, env: str, default: str) -> tuple[object, str]:
 def _check_dtype(
     dtype: str | torch.dtype, source: str, device: torch.device | None = None, compile: bool = False
 ) -> torch.dtype:
-    """Resolve a dtype name; `auto` is the fastest that `device` runs well with these options.
-
-    On CPU that is float32 unless the decode step is compiled: uncompiled, half-precision weights
-    are upcast one matrix at a time, which is slower than float32 itself.
-    """
-    if dtype == "auto" and (device is None or device.type == "cpu") and not compile:
-        return torch.float32
+    """Resolve a dtype name (`auto`: see `loading.auto_dtype`), naming where a bad one came from."""
     try:
-        return resolve_dtype(dtype, device)
+        return resolve_dtype(dtype, device, compiled=compile)
     except InvalidParameterError:
         raise InvalidParameterError(
             f"dtype must be one of {', '.join(DTYPES)}, auto; not {dtype!r} (set by {source})"

@@ -26,10 +26,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
-    """A dtype name or torch dtype; `auto` is the half precision that `device` decodes fastest."""
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None, compiled: bool = False) -> torch.dtype:
+    """A dtype name or torch dtype; `auto` is the fastest that `device` runs well (see `auto_dtype`)."""
     if dtype == "auto":
-        return auto_dtype(device or torch.device("cpu"))
+        return auto_dtype(device or torch.device("cpu"), compiled)
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -37,12 +37,15 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
     raise InvalidParameterError(f"dtype must be one of {', '.join(DTYPES)}, auto; not {dtype!r}")
 
 
-def auto_dtype(device: torch.device) -> torch.dtype:
+def auto_dtype(device: torch.device, compiled: bool = False) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: both halves are upcast as they are read by the compiled decode step. In one quiet run of
-    # benchmarks/bench.py on AMD EPYC (2 threads) float16 decoded at 82 tok/s and bfloat16 at 72;
-    # float16 also keeps 3 more mantissa bits, so its answers stay closer to float32's.
+    if not compiled:
+        # Uncompiled, half weights are upcast one matrix at a time: slower than float32 itself.
+        return torch.float32
+    # Compiled, the decode step upcasts as it reads. In one quiet run of benchmarks/bench.py on AMD
+    # EPYC (2 threads) float16 decoded at 82 tok/s and bfloat16 at 72; float16 also keeps 3 more
+    # mantissa bits, so its answers stay closer to float32's.
     return torch.float16
 
 
