@@ -42,10 +42,6 @@ class KVCache:
         # taken inside the step made it copy the whole cache back at every layer.
         self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # layers x (B, nkv, L, hd)
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
     def update(
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +51,9 @@ class KVCache:
         v_all.index_copy_(2, input_pos, v)
         return k_all, v_all
 
-    def causal_mask(self, input_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    def causal_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """True where a query at `input_pos` may attend: every cache position up to its own."""
-        return causal_mask(input_pos, self.positions, window)  # (T, L)
+        return causal_mask(input_pos, self.positions)  # (T, L)
 
 
 def causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
