@@ -12,6 +12,7 @@ from .errors import (
     UnknownModelError,
 )
 from .generation import GeneratedToken, generate
+from .llm import LLM, load
 from .loading import load_model
 from .model import CausalLM, KVCache
 from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
@@ -47,6 +48,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "InvalidParameterError",
     "KVCache",
+    "LLM",
     "ModelConfig",
     "NanoEngineError",
     "RequestTimeoutError",
@@ -59,6 +61,7 @@ __all__ = [
     "configure",
     "fetch_model",
     "generate",
+    "load",
     "load_model",
     "resolve_model",
 ]
