@@ -24,45 +24,102 @@ from .config import ModelConfig, RopeScaling
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer for `batch_size` sequences, preallocated for `max_len` positions.
 
-    Shapes never change during a generation: a decode step writes one position at `input_pos`
-    and attends over the whole buffer with a mask, which is what lets a step be compiled or
-    captured as a graph.
+    Row b of the cache belongs to row b of the batch. The engine keeps one cache as a pool of
+    slots (one slot per running sequence) and runs each step over `view(rows, length)`: the first
+    `rows` slots and the first `length` positions, so that attention costs what is in use, not
+    what is reserved. A decode step writes each row's new keys at that row's own position and
+    attends over the whole view with a mask; shapes only change with the (bucketed) view.
     """
 
     def __init__(
         self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
     ) -> None:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, L, hd)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.positions = torch.arange(max_len, device=device)  # (L,)
+        k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, L, hd)
+        v = torch.zeros(shape, dtype=dtype, device=device)
+        self._set(k, v)
+        self._views: dict[tuple[int, int, int], KVCache] = {}
+
+    def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k, self.v = k, v
+        self.positions = torch.arange(k.shape[3], device=k.device)  # (L,)
         # One view per layer, made once: a compiled step then writes each in place, where views
         # taken inside the step made it copy the whole cache back at every layer.
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # layers x (B, nkv, L, hd)
+        self.k_layers, self.v_layers = k.unbind(0), v.unbind(0)  # layers x (B, nkv, L, hd)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def view(self, rows: int, length: int, first_row: int = 0) -> KVCache:
+        """Rows [first_row, first_row + rows) and positions [0, length), sharing this cache's memory.
+
+        Views are kept, so a step over the same window gets the very same tensors each time.
+        """
+        key = (first_row, rows, length)
+        if key not in self._views:
+            window = KVCache.__new__(KVCache)
+            window._set(self.k[:, first_row : first_row + rows, :, :length], self.v[:, first_row : first_row + rows, :, :length])
+            window._views = {}
+            self._views[key] = window
+        return self._views[key]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Move one sequence's first `length` positions from row `src` to row `dst` (compaction)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def update(
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys and values at `input_pos`; return the layer's whole buffers."""
+        """Write the new keys and values (B, nkv, T, hd) at each row's `input_pos` (B, T); return
+        the layer's whole buffers."""
         k_all, v_all = self.k_layers[layer], self.v_layers[layer]  # (B, nkv, L, hd)
-        k_all.index_copy_(2, input_pos, k)
-        v_all.index_copy_(2, input_pos, v)
+        index = input_pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hd)
+        k_all.scatter_(2, index, k)
+        v_all.scatter_(2, index, v)
         return k_all, v_all
 
     def causal_mask(self, input_pos: torch.Tensor) -> torch.Tensor:
         """True where a query at `input_pos` may attend: every cache position up to its own."""
-        return causal_mask(input_pos, self.positions)  # (T, L)
+        return causal_mask(input_pos, self.positions)  # (B, 1, T, L)
 
 
 def causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """True where a query may attend a key: at or before its own position, and, with a sliding
-    `window`, fewer than `window` positions back."""
-    mask = key_pos[None, :] <= query_pos[:, None]  # (T, L)
+    `window`, fewer than `window` positions back.
+
+    `query_pos` is (B, T); `key_pos` is (L,) for a cache, or (B, L) for the batch's own tokens.
+    The mask is (B, 1, T, L), broadcast over heads.
+    """
+    queries = query_pos[:, None, :, None]  # (B, 1, T, 1)
+    keys = key_pos.view(-1 if key_pos.dim() == 2 else 1, 1, 1, key_pos.shape[-1])  # (B or 1, 1, 1, L)
+    mask = keys <= queries  # (B, 1, T, L)
     if window is not None:
-        mask &= key_pos[None, :] > query_pos[:, None] - window
+        mask &= keys > queries - window
     return mask
+
+
+class HookPoint(nn.Identity):
+    """A named place in the forward pass where a trace reads, or an intervention replaces, a tensor.
+
+    It passes its input through unchanged; a forward hook registered on it (see `tracing.py`)
+    sees the tensor and may return a replacement. With no hook it costs one call.
+    """
+
+    @property
+    def active(self) -> bool:
+        return bool(self._forward_hooks)
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -137,7 +194,8 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin().to(device)
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[input_pos].to(dtype), self.sin[input_pos].to(dtype)  # (T, hd) each
+        """Tables for each row's positions (B, T), shaped to broadcast over heads: (B, 1, T, hd)."""
+        return self.cos[input_pos].unsqueeze(1).to(dtype), self.sin[input_pos].unsqueeze(1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -158,17 +216,37 @@ def attend(
     cache: KVCache | None,
     mask: torch.Tensor | None,
     scale: float | None = None,
+    probs: HookPoint | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, nh, T, hd) over the new k/v, or over the cache.
 
     Without a cache the T tokens are the whole sequence from position 0, and a None mask means
-    plainly causal. With one, the new keys and values are written into it first.
+    plainly causal. With one, the new keys and values are written into it first. When a trace
+    watches `probs`, the attention probabilities are computed explicitly and shown to it;
+    otherwise SDPA computes the same result without ever forming them.
     """
     if cache is not None:
         k, v = cache.update(layer_idx, input_pos, k, v)  # (B, nkv, L, hd)
+    if probs is not None and probs.active:
+        return explicit_attention(q, k, v, mask, scale, probs)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
     )  # (B, nh, T, hd)
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None, probs: HookPoint
+) -> torch.Tensor:
+    """Attention written out, as transformers' eager path does, with the probabilities shown to `probs`."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, L, hd)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)  # (B, nh, T, L)
+    if mask is None:
+        T, L = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)  # (T, L)
+    scores = scores.masked_fill(~mask, -math.inf)
+    weights = probs(torch.softmax(scores.float(), dim=-1).to(q.dtype))  # (B, nh, T, L)
+    return weights @ v  # (B, nh, T, hd)
 
 
 class Attention(nn.Module):
@@ -183,6 +261,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
+        self.probs = HookPoint()  # (B, nh, T, L) attention probabilities, when traced
+        self.heads = HookPoint()  # (B, nh, T, hd) each head's output, before o_proj
 
     def forward(
         self,
@@ -198,7 +278,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(q, k, v, self.layer_idx, input_pos, cache, mask)  # (B, nh, T, hd)
+        y = self.heads(attend(q, k, v, self.layer_idx, input_pos, cache, mask, probs=self.probs))  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)  # (B, T, C)
 
@@ -248,15 +328,15 @@ class Decoder(nn.Module):
         self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None, dtype: torch.dtype
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids).to(dtype)  # (B, T, C)
-        cos, sin = self.rotary_emb(input_pos, x.dtype)  # (T, hd) each
-        mask = self.attention_mask(input_pos, cache)  # (T, L) or None
+        cos, sin = self.rotary_emb(input_pos, x.dtype)  # (B, 1, T, hd) each
+        mask = self.attention_mask(input_pos, cache)  # (B, 1, T, L) or None
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, cache, mask)
         return self.norm(x)  # (B, T, C)
 
     def attention_mask(self, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
         """Where each query may attend; None for plainly causal attention without a cache."""
-        return cache.causal_mask(input_pos) if cache is not None else None  # (T, L)
+        return cache.causal_mask(input_pos) if cache is not None else None  # (B, 1, T, L)
 
 
 class CausalLM(nn.Module):
@@ -315,13 +395,18 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits for `input_ids` (B, T) placed at `input_pos` (T,).
+        """Logits for `input_ids` (B, T) placed at `input_pos`: (B, T), each row its own positions,
+        or (T,) shared by every row.
 
-        Without a cache the tokens are the whole sequence from position 0. With one, their keys
-        and values are written into it and attention sees everything cached up to each position.
+        Without a cache the tokens are the whole sequence from position 0. With one, row b's keys
+        and values are written into the cache's row b, and attention sees everything cached there
+        up to each position.
         """
+        B, T = input_ids.shape
         if input_pos is None:
-            input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+            input_pos = torch.arange(T, device=input_ids.device)  # (T,)
+        if input_pos.dim() == 1:
+            input_pos = input_pos.expand(B, T)  # (B, T)
         if self.decode_step is not None and cache is not None and input_ids.shape[1] == 1:
             return self.decode_step(input_ids, input_pos, cache, last_only)
         return self._forward(input_ids, input_pos, cache, last_only)

@@ -98,7 +98,7 @@ class Gemma3Attention(Attention):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
-        y = attend(q, k, v, self.layer_idx, input_pos, cache, mask, scale=self.scale)  # (B, nh, T, hd)
+        y = self.heads(attend(q, k, v, self.layer_idx, input_pos, cache, mask, self.scale, self.probs))  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
 
 
@@ -144,7 +144,7 @@ class Gemma3Decoder(Decoder):
         rope = {FULL: self.rotary_emb(input_pos, dtype), SLIDING: self.rotary_local(input_pos, dtype)}
         masks = {FULL: self.attention_mask(input_pos, cache), SLIDING: causal_mask(input_pos, keys, self.sliding_window)}
         for layer, kind in zip(self.layers, self.layer_types):
-            cos, sin = rope[kind]  # (T, hd) each
+            cos, sin = rope[kind]  # (B, 1, T, hd) each
             x = layer(x, cos, sin, input_pos, cache, masks[kind])
         return self.norm(x)  # (B, T, C)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..model import CausalLM, KVCache, Linear, attend
+from ..model import CausalLM, HookPoint, KVCache, Linear, attend
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # name -> F.gelu approximate
 
@@ -81,6 +81,8 @@ class GPT2Attention(nn.Module):
         self.layer_idx, self.n_head, self.head_dim = layer_idx, config.num_attention_heads, config.head_dim
         self.c_attn = Conv1D(config.hidden_size, 3 * config.hidden_size)
         self.c_proj = Conv1D(config.hidden_size, config.hidden_size)
+        self.probs = HookPoint()  # (B, nh, T, L) attention probabilities, when traced
+        self.heads = HookPoint()  # (B, nh, T, hd) each head's output, before c_proj
 
     def forward(self, x, input_pos, cache, mask) -> torch.Tensor:
         B, T, C = x.shape
@@ -88,7 +90,7 @@ class GPT2Attention(nn.Module):
             part.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
             for part in self.c_attn(x).split(C, dim=-1)
         )
-        y = attend(q, k, v, self.layer_idx, input_pos, cache, mask)  # (B, nh, T, hd)
+        y = self.heads(attend(q, k, v, self.layer_idx, input_pos, cache, mask, probs=self.probs))  # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
@@ -127,8 +129,8 @@ class GPT2Model(nn.Module):
         self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids, input_pos, cache: KVCache | None, dtype: torch.dtype) -> torch.Tensor:
-        x = (self.wte(input_ids) + self.wpe(input_pos)).to(dtype)  # (B, T, C)
-        mask = cache.causal_mask(input_pos) if cache is not None else None  # (T, L)
+        x = (self.wte(input_ids) + self.wpe(input_pos)).to(dtype)  # (B, T, C); positions per row
+        mask = cache.causal_mask(input_pos) if cache is not None else None  # (B, 1, T, L)
         for block in self.h:
             x = block(x, input_pos, cache, mask)
         return self.ln_f(x)  # (B, T, C)

@@ -34,7 +34,7 @@ class MistralDecoder(Decoder):
         if self.sliding_window is None:
             return super().attention_mask(input_pos, cache)
         keys = cache.positions if cache is not None else input_pos
-        return causal_mask(input_pos, keys, self.sliding_window)  # (T, L)
+        return causal_mask(input_pos, keys, self.sliding_window)  # (B, 1, T, L)
 
 
 class MistralForCausalLM(CausalLM):
