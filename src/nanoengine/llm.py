@@ -46,6 +46,14 @@ class LLM:
             return (chunk.output for chunk in response)
         return response.output
 
+    def chat(
+        self, messages: list[dict[str, str]], stream: bool = False, **sampling: Any
+    ) -> CompletionOutput | Iterator[CompletionStreamOutput]:
+        """The assistant's answer to `messages` (`{"role", "content"}` dicts), via the checkpoint's chat template."""
+        from .chat import chat
+
+        return chat(self, messages, stream=stream, **sampling)
+
     def __repr__(self) -> str:
         return f"LLM({str(self.folder)!r})"
 
