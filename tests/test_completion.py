@@ -33,7 +33,7 @@ from nanoengine import (
     UnknownModelError,
     generate,
 )
-from nanoengine.engine import get_model
+from nanoengine.models import get_model
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 EMOJI = "<|im_start|>user\nReply with three emoji.<|im_end|>\n<|im_start|>assistant\n"
@@ -412,7 +412,7 @@ def test_timeout_counts_the_wait_for_the_model(tiny):
 
 def test_loading_the_model_once_is_not_counted(tiny, tmp_path, monkeypatch):
     """The clock starts once the model is loaded: a first request does not fail for the load."""
-    from nanoengine import engine
+    from nanoengine import models as engine
 
     real_load = engine.load_model
 

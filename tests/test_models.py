@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanoengine import Completion, InvalidParameterError, UnknownModelError, configure, engine
-from nanoengine.engine import FairLock, get_model, model_options
+from nanoengine.models import FairLock, get_model, model_options
 from nanoengine.loading import resolve_dtype
 
 

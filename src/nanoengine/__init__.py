@@ -2,7 +2,7 @@
 
 from .completion import AsyncCompletionStream, Completion
 from .config import ModelConfig
-from .engine import configure
+from .models import configure
 from .errors import (
     CheckpointError,
     FetchError,

@@ -145,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def configure_model_options(args: argparse.Namespace) -> None:
-    from .engine import configure
+    from .models import configure
 
     configure(dtype=args.dtype, device=args.device, compile=args.compile or None)
 
 
 def run_complete(args: argparse.Namespace) -> int:
     from .completion import Completion
-    from .engine import get_model
+    from .models import get_model
 
     configure_model_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()

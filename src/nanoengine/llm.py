@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .engine import LoadedModel, get_model
+from .models import LoadedModel, get_model
 from .types import CompletionOutput, CompletionStreamOutput
 
 
@@ -53,6 +53,18 @@ class LLM:
         from .chat import chat
 
         return chat(self, messages, stream=stream, **sampling)
+
+    def trace(self, prompt: str | list[int], interventions: dict[str, Any] | None = None):
+        """One forward pass with every activation kept: hidden states, attentions, logits, logit lens."""
+        from .tracing import trace
+
+        return trace(self, prompt, interventions)
+
+    def score(self, texts: list[str]):
+        """Per text: its tokens, each token's log-probability given those before it, sum, perplexity."""
+        from .scoring import score
+
+        return score(self, texts)
 
     def __repr__(self) -> str:
         return f"LLM({str(self.folder)!r})"

@@ -34,13 +34,24 @@ class KVCache:
     """
 
     def __init__(
-        self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        zero_lazily: bool = False,
     ) -> None:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, B, nkv, L, hd)
-        v = torch.zeros(shape, dtype=dtype, device=device)
+        new = torch.empty if zero_lazily else torch.zeros
+        k = new(shape, dtype=dtype, device=device)  # (layers, B, nkv, L, hd)
+        v = new(shape, dtype=dtype, device=device)
         self._set(k, v)
         self._views: dict[tuple[int, int, int], KVCache] = {}
+        # Positions below this hold finite values. Masked-out positions must not hold NaN (it
+        # would survive the mask), so a lazily zeroed cache (the engine's pool, whose memory
+        # then grows with the lengths in use) clears each range the first time a view reaches it.
+        self.zeroed_len = 0 if zero_lazily else max_len
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
@@ -64,15 +75,23 @@ class KVCache:
     def view(self, rows: int, length: int, first_row: int = 0) -> KVCache:
         """Rows [first_row, first_row + rows) and positions [0, length), sharing this cache's memory.
 
-        Views are kept, so a step over the same window gets the very same tensors each time.
+        Views from row 0 (the decode steps') are kept, so a step over the same window gets the
+        very same tensors each time.
         """
+        if length > self.zeroed_len:
+            self.k[:, :, :, self.zeroed_len : length].zero_()
+            self.v[:, :, :, self.zeroed_len : length].zero_()
+            self.zeroed_len = length
         key = (first_row, rows, length)
-        if key not in self._views:
-            window = KVCache.__new__(KVCache)
-            window._set(self.k[:, first_row : first_row + rows, :, :length], self.v[:, first_row : first_row + rows, :, :length])
-            window._views = {}
+        if key in self._views:
+            return self._views[key]
+        window = KVCache.__new__(KVCache)
+        rows_slice = slice(first_row, first_row + rows)
+        window._set(self.k[:, rows_slice, :, :length], self.v[:, rows_slice, :, :length])
+        window._views, window.zeroed_len = {}, length
+        if first_row == 0:
             self._views[key] = window
-        return self._views[key]
+        return window
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Move one sequence's first `length` positions from row `src` to row `dst` (compaction)."""

@@ -1,9 +1,12 @@
-"""The process-wide model cache: how models are loaded, and each loaded model shared by all requests.
+"""The process-wide model cache: how models are loaded, and each loaded model (with its engine)
+shared by all requests.
 
-How a model is loaded (dtype, device, compilation) is a process setting, not a request
-parameter: `configure()` sets it, else `$NANOENGINE_DTYPE` / `$NANOENGINE_DEVICE`, else the
-defaults (device `cpu`; dtype `float32` on CPU, `auto`, i.e. `bfloat16`, on CUDA). A model is
-loaded lazily, once per (checkpoint folder, options), and kept for the life of the process.
+How a model is loaded (dtype, device, compilation) and how its engine is sized (concurrent
+sequences, longest sequence, prefill chunk) are process settings, not request parameters:
+`configure()` sets them, else the `NANOENGINE_*` environment variables, else the defaults
+(device `cpu`; dtype `float32` on CPU, `auto`, i.e. `bfloat16`, on CUDA; the engine's in
+`EngineSettings`). A model is loaded lazily, once per (checkpoint folder, options), and kept for
+the life of the process.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
+from .engine import Engine, EngineSettings
 from .errors import InvalidParameterError
 from .loading import DTYPES, load_model, resolve_device, resolve_dtype
 from .model import CausalLM
@@ -28,6 +31,11 @@ logger = logging.getLogger(__name__)
 DTYPE_ENV = "NANOENGINE_DTYPE"
 DEVICE_ENV = "NANOENGINE_DEVICE"
 DEFAULT_DEVICE = "cpu"
+ENGINE_ENV = {  # EngineSettings field -> environment variable
+    "max_batch_size": "NANOENGINE_MAX_BATCH_SIZE",
+    "max_seq_len": "NANOENGINE_MAX_SEQ_LEN",
+    "prefill_chunk": "NANOENGINE_PREFILL_CHUNK",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class ModelOptions:
     dtype: torch.dtype
     device: torch.device
     compile: bool = False
+    engine: EngineSettings = EngineSettings()
 
 
 @dataclass(frozen=True)
@@ -46,13 +55,22 @@ class _Settings:
     dtype: str | torch.dtype | None = None
     device: str | None = None
     compile: bool = False
+    max_batch_size: int | None = None
+    max_seq_len: int | None = None
+    prefill_chunk: int | None = None
 
 
 _settings = _Settings()
 
 
 def configure(
-    dtype: str | torch.dtype | None = None, device: str | None = None, compile: bool | None = None
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    compile: bool | None = None,
+    *,
+    max_batch_size: int | None = None,
+    max_seq_len: int | None = None,
+    prefill_chunk: int | None = None,
 ) -> None:
     """Set how models loaded from now on are loaded; a setting left as None stays as it was.
 
@@ -60,7 +78,11 @@ def configure(
     (bfloat16 on CUDA; on CPU float16 when compiled, else float32). Unset: float32 on CPU,
     `auto` elsewhere. `device`: `cpu`, `cuda` or `auto`. `compile`: compile each model's
     one-token decode step with `torch.compile` (start-up cost; see README "Performance").
-    Models already loaded are kept, under their own options.
+    The engine: `max_batch_size` sequences decode together (the rows of the KV cache pool, which
+    is allocated once, so memory is bounded; more requests wait in line); `max_seq_len` is the
+    longest prompt plus new tokens a row holds (at most the model's context); `prefill_chunk` is
+    how many prompt tokens are prefilled per step, which bounds how long a new prompt can delay
+    the running streams' next token. Models already loaded are kept, under their own options.
     """
     global _settings
     if dtype is not None:
@@ -69,12 +91,32 @@ def configure(
         resolve_device(device)
     if compile is not None and not isinstance(compile, bool):
         raise InvalidParameterError(f"compile must be True or False, not {compile!r}")
-    _settings = replace(
-        _settings,
-        dtype=_settings.dtype if dtype is None else dtype,
-        device=_settings.device if device is None else device,
-        compile=_settings.compile if compile is None else compile,
-    )
+    sizes = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk)
+    for name, value in sizes.items():
+        if value is not None:
+            _positive_int(name, value, "configure()")
+    given = dict(dtype=dtype, device=device, compile=compile, **sizes)
+    _settings = replace(_settings, **{name: value for name, value in given.items() if value is not None})
+
+
+def _positive_int(name: str, value: object, source: str) -> int:
+    try:
+        number = int(value)  # type: ignore[call-overload]
+        ok = not isinstance(value, (bool, float)) and number >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidParameterError(f"{name} must be an integer >= 1, not {value!r} (set by {source})")
+    return number
+
+
+def engine_settings() -> EngineSettings:
+    """The engine sizes a model loaded now gets: `configure()`, else the environment, else the defaults."""
+    values = {}
+    for field in fields(EngineSettings):
+        value, source = _setting(getattr(_settings, field.name), ENGINE_ENV[field.name], field.default)
+        values[field.name] = _positive_int(field.name, value, source)
+    return EngineSettings(**values)
 
 
 def model_options() -> ModelOptions:
@@ -86,10 +128,11 @@ def model_options() -> ModelOptions:
         raise InvalidParameterError(f"{err} (set by {source})") from None
     default_dtype = "float32" if device.type == "cpu" else "auto"  # float32 on CPU matches the reference
     dtype_name, source = _setting(_settings.dtype, DTYPE_ENV, default_dtype)
-    return ModelOptions(_check_dtype(dtype_name, source, device, _settings.compile), device, _settings.compile)
+    dtype = _check_dtype(dtype_name, source, device, _settings.compile)
+    return ModelOptions(dtype, device, _settings.compile, engine_settings())
 
 
-def _setting(configured: object, env: str, default: str) -> tuple[object, str]:
+def _setting(configured: object, env: str, default: object) -> tuple[object, str]:
     """The configured value, else the environment's, else the default; and where it came from."""
     if configured is not None:
         return configured, "configure()"
@@ -110,45 +153,15 @@ def _check_dtype(
         ) from None
 
 
-class FairLock:
-    """A lock granted in the order it was asked for, so that no waiting request starves.
-
-    (`threading.Lock` lets a thread that releases and at once re-acquires win again and again.)
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._queue: deque[object] = deque()
-        self._held = False
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        """Wait for the lock, at most `timeout` seconds (None: for ever); return whether it was got."""
-        ticket = object()
-        with self._condition:
-            self._queue.append(ticket)
-            got = self._condition.wait_for(lambda: not self._held and self._queue[0] is ticket, timeout)
-            self._queue.remove(ticket)
-            if got:
-                self._held = True
-            else:
-                self._condition.notify_all()  # the next in line may be free to go now
-            return got
-
-    def release(self) -> None:
-        with self._condition:
-            self._held = False
-            self._condition.notify_all()
-
-
 @dataclass(eq=False)
 class LoadedModel:
-    """A model ready to serve: weights, tokenizer, and the lock that takes its forward passes in turn."""
+    """A model ready to serve: weights, tokenizer, and the engine whose loop runs every request on it."""
 
     folder: Path
     options: ModelOptions
     model: CausalLM
     tokenizer: Tokenizer
-    lock: FairLock
+    engine: Engine
 
 
 _cache: dict[tuple[str, ModelOptions], LoadedModel] = {}
@@ -174,5 +187,10 @@ def _load(folder: Path, options: ModelOptions) -> LoadedModel:
     model = load_model(folder, dtype=options.dtype, device=options.device)
     if options.compile:
         model.compile_decode_step()  # the prompt's pass stays eager; see CausalLM.compile_decode_step
-    logger.info("serving %s (%s, %s%s)", folder, options.dtype, options.device, ", compiled" if options.compile else "")
-    return LoadedModel(folder, options, model, tokenizer, FairLock())
+    engine = Engine(model, tokenizer, options.engine)
+    logger.info(
+        "serving %s (%s, %s%s); engine: %d sequences of up to %d tokens, KV cache %.0f MB, prefill chunk %d",
+        folder, options.dtype, options.device, ", compiled" if options.compile else "",
+        options.engine.max_batch_size, engine.max_seq_len, engine.kv_cache_bytes / 2**20, options.engine.prefill_chunk,
+    )  # fmt: skip
+    return LoadedModel(folder, options, model, tokenizer, engine)

@@ -53,7 +53,9 @@ def _check_number(name: str, value: object, low: float, high: float) -> None:
 
 
 class Sampler:
-    """Picks tokens for one sequence; holds its random generator and the counts the penalties need."""
+    """One sequence's sampling state: its parameters, its own random generator (so that a seeded
+    sequence draws the same tokens whatever shares its batch), and the token counts the
+    penalties need."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu") -> None:
         self.params = params
@@ -65,42 +67,66 @@ class Sampler:
         needs_counts = params.presence_penalty or params.frequency_penalty
         self.counts = torch.zeros(vocab_size, device=device) if needs_counts else None
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Choose a token from `logits` (V,); return it and its log-probability under the model.
+        """Choose a token from `logits` (V,); return it and its log-probability under the model."""
+        tokens, logprobs = sample([self], logits[None])
+        return tokens[0], logprobs[0]
 
-        The log-probability is that of the model's own distribution (log_softmax of the raw
-        logits), whatever the temperature and filters.
-        """
-        logits = logits.float()  # (V,)
-        logprobs = torch.log_softmax(logits, dim=-1)  # (V,)
-        shaped = self._penalize(logits)
-        if self.params.greedy:
-            token = torch.argmax(shaped)
-        else:
-            probs = torch.softmax(self._filter(shaped / self.params.temperature), dim=-1)  # (V,)
-            token = torch.multinomial(probs, 1, generator=self.generator)[0]
-        if self.counts is not None:
-            self.counts[token] += 1
-        return token, logprobs[token]
-
-    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
         if self.counts is None:
             return logits
         p = self.params
         return logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
 
-    def _filter(self, logits: torch.Tensor) -> torch.Tensor:
-        """Keep the top_k best tokens, then the smallest set whose probability reaches top_p."""
-        top_k, top_p = self.params.top_k, self.params.top_p
-        if top_k is not None and 0 < top_k < logits.shape[-1]:
-            kth_best = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth_best, -math.inf)
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)  # (V,)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # Drop a token when the tokens before it already reach top_p; the best always stays.
-            drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            logits = logits.masked_fill(drop, -math.inf)
-        return logits
+
+@torch.inference_mode()
+def sample(samplers: list[Sampler], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose one token per row of `logits` (B, V), row b with `samplers[b]`'s parameters.
+
+    Greedy and sampled rows share the batch. Returns the tokens (B,) and their log-probabilities
+    under the model's own distribution (log_softmax of the raw logits, whatever the temperature
+    and filters).
+    """
+    logits = logits.float()  # (B, V)
+    logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    shaped = torch.stack([s.penalize(row) for s, row in zip(samplers, logits)]) if _any_counts(samplers) else logits
+    tokens = torch.argmax(shaped, dim=-1)  # (B,): right for the greedy rows
+    sampled = [b for b, s in enumerate(samplers) if not s.params.greedy]
+    if sampled:
+        probs, order = _filtered_probs(shaped[sampled], [samplers[b].params for b in sampled])  # (S, V) each
+        for row, b in enumerate(sampled):
+            pick = torch.multinomial(probs[row], 1, generator=samplers[b].generator)  # (1,)
+            tokens[b] = order[row, pick[0]] if order is not None else pick[0]
+    for s, token in zip(samplers, tokens):
+        if s.counts is not None:
+            s.counts[token] += 1
+    return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+def _any_counts(samplers: list[Sampler]) -> bool:
+    return any(s.counts is not None for s in samplers)
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampling probabilities (S, V) after temperature, top_k and top_p, each row its own.
+
+    Logits are shifted so their maximum is 0 before dividing by the temperature, so that a tiny
+    temperature sends the others to -inf (greedy in effect) instead of overflowing to inf - inf.
+    When any row filters, the rows are sorted and the probabilities come back in sorted order
+    with the permutation (`order`) that maps them to token ids; otherwise `order` is None.
+    """
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # (S, 1)
+    scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # (S, V), <= 0
+    if all(p.top_k in (None, -1) and p.top_p in (None, 1.0) for p in params):
+        return torch.softmax(scaled, dim=-1), None
+    V = logits.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k not in (None, -1) else V for p in params], device=logits.device)
+    top_p = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in params], device=logits.device, dtype=torch.float64)
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)  # (S, V)
+    drop = torch.arange(V, device=logits.device)[None, :] >= top_k[:, None]  # beyond the k best
+    probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
+    # Drop a token when the tokens before it already reach top_p (compared in float64, so that a
+    # top_p below float32's range still keeps something); the best token always stays.
+    drop |= (torch.cumsum(probs, dim=-1) - probs).double() >= top_p[:, None]
+    drop[:, 0] = False
+    return torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1), order

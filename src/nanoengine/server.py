@@ -375,7 +375,7 @@ def event_stream_response_class() -> type:
 
 def preload(settings: ServerSettings) -> None:
     """Load (and, for a registered model, fetch) every served model before taking requests."""
-    from .engine import get_model
+    from .models import get_model
 
     for name, target in settings.models.items():
         logger.info("loading %s (%s)", name, target)
