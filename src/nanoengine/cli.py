@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+from .cli_inspect import add_inspect, run_inspect
 from .errors import InvalidParameterError, NanoEngineError
 from .fetch import is_checkpoint
 from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, weights_root
@@ -27,6 +28,7 @@ EXAMPLES = """examples:
   echo "Once upon a time" | nanoengine complete --temperature 0.7 --seed 1
   nanoengine serve --port 5005          # then: LLM_ENGINE_BASE_PATH=http://127.0.0.1:5005/
   nanoengine models
+  nanoengine inspect "The capital of France is" --png lens.png
 """
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_complete(commands)
+    add_inspect(commands)
     add_serve(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
-    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench}
+    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect}
     try:
         return run[args.command](args)
     except InvalidParameterError as err:
