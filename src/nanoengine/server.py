@@ -218,6 +218,9 @@ def create_app(settings: ServerSettings) -> "FastAPI":
         return event_stream(server_sent_events(stream, record), media_type="text/event-stream")
 
     app.include_router(v1)
+    from .openai_api import openai_router  # the OpenAI-style routes: /v1/completions, /v1/chat/completions, /v1/models
+
+    app.include_router(openai_router(settings, in_flight))
     return app
 
 

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible routes, spoken to by the official `openai` client over a loopback socket."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+import requests
+from test_server import running_server
+
+import nanoengine
+from nanoengine.server import ServerSettings
+
+MODEL = nanoengine.DEFAULT_MODEL
+PROMPT = "The capital of France is"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+KEY = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def server_url(smollm2_folder) -> Iterator[str]:
+    with running_server(ServerSettings(api_key=KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server_url}v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_folder):
+    return nanoengine.load(MODEL)
+
+
+def test_models_lists_what_is_served(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "nanoengine"
+
+
+def test_completion_matches_the_library(client, llm):
+    expected = llm.complete(PROMPT, max_new_tokens=6, temperature=0)
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, user="ignored")
+    assert response.object == "text_completion" and response.model == MODEL and response.id.startswith("cmpl-")
+    [choice] = response.choices
+    assert choice.text == expected.text and choice.index == 0 and choice.finish_reason == "length"
+    assert response.usage.prompt_tokens == expected.num_prompt_tokens
+    assert response.usage.completion_tokens == expected.num_completion_tokens == 6
+    assert response.usage.total_tokens == expected.num_prompt_tokens + 6
+
+
+def test_chat_matches_llm_chat(client, llm):
+    expected = llm.chat(QUESTION, max_new_tokens=40, temperature=0)
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    assert response.object == "chat.completion" and response.id.startswith("chatcmpl-")
+    [choice] = response.choices
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop" and expected.num_completion_tokens < 40  # it ended at end-of-sequence
+    assert response.usage.prompt_tokens == expected.num_prompt_tokens
+
+
+def test_max_completion_tokens_bounds_the_chat(client):
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=3, temperature=0)
+    assert response.usage.completion_tokens == 3 and response.choices[0].finish_reason == "length"
+
+
+def test_streamed_completion_joins_to_the_full_one(client):
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_streamed_chat_joins_to_the_full_one_and_reports_usage(client):
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0.8, seed=5)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0.8, seed=5, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+
+
+def test_a_stream_is_server_sent_events_ending_in_done(server_url):
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 3, "stream": True}
+    with requests.post(f"{server_url}v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       stream=True, timeout=300) as response:  # fmt: skip
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_stop_ends_the_text_before_the_stop_string(client):
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, stop=["."])
+    choice = response.choices[0]
+    assert choice.text == " Paris" and choice.finish_reason == "stop"
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0, stop="Paris")
+    assert "Paris" not in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_text(client):
+    def sample(seed: int) -> str:
+        response = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=1.0,
+                                             seed=seed)  # fmt: skip
+        return response.choices[0].text
+
+    first = sample(11)
+    assert sample(11) == first
+    assert any(sample(seed) != first for seed in (12, 13, 14))
+
+
+def test_n_samples_of_one_prompt(client):
+    def three() -> list[str]:
+        response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10, temperature=1.0,
+                                                  seed=21, n=3)  # fmt: skip
+        assert [c.index for c in response.choices] == [0, 1, 2]
+        assert 3 <= response.usage.completion_tokens <= 30  # the three samples' tokens, the prompt counted once
+        return [c.message.content for c in response.choices]
+
+    samples = three()
+    assert len(set(samples)) > 1  # different samples, not one answer three times
+    assert three() == samples  # and reproducible with the seed
+
+
+def test_n_samples_streamed(client):
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3, n=3,
+                                       stream=True)  # fmt: skip
+    texts = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.add(choice.index)
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3, n=3)
+    assert finished == {0, 1, 2}
+    assert [texts[i] for i in range(3)] == [c.text for c in full.choices]
+
+
+def test_completion_logprobs(client, llm):
+    expected = llm.complete(PROMPT, max_new_tokens=5, temperature=0, return_token_log_probs=True)
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=1)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens == [t.token for t in expected.tokens]
+    assert logprobs.token_logprobs == pytest.approx([t.log_prob for t in expected.tokens], abs=1e-5)
+    assert [list(top) for top in logprobs.top_logprobs] == [[t] for t in logprobs.tokens]
+    assert logprobs.text_offset[0] == 0 and all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_chat_logprobs(client):
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=2)  # fmt: skip
+    content = response.choices[0].logprobs.content
+    assert len(content) == 4 and "".join(t.token for t in content) == response.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0 and bytes(token.bytes).decode() == token.token
+        assert token.top_logprobs[0].token == token.token and token.top_logprobs[0].logprob == token.logprob
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "complaint"),
+    [
+        ({"temperature": 5}, None, "temperature"),
+        ({"top_p": 0}, None, "top_p"),
+        ({"n": 0}, "n", "n must be"),
+        ({"max_tokens": -1}, None, "max_tokens"),
+        ({"stop": [1, 2]}, "stop", "stop must be"),
+        ({"messages": []}, None, "messages must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": 42}]}, None, r"messages\[0\]\['content'\]"),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ],
+)
+def test_a_bad_request_is_a_400_in_openai_shape(client, kwargs, param, complaint):
+    request = {"model": MODEL, "messages": QUESTION, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError, match=complaint) as caught:
+        client.chat.completions.create(**request)
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_a_bad_body_is_a_400(server_url):
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    response = requests.post(f"{server_url}v1/completions", data="{not json", headers=headers, timeout=60)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    response = requests.post(f"{server_url}v1/completions", json={"model": MODEL, "prompt": [1, 2]}, headers=headers,
+                             timeout=60)  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_an_unknown_model_is_a_404(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist") as caught:
+        client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+
+
+def test_a_wrong_key_is_a_401(server_url):
+    wrong = openai.OpenAI(base_url=f"{server_url}v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        wrong.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2)
+    assert caught.value.body["code"] == "invalid_api_key"
+    response = requests.get(f"{server_url}v1/models", timeout=60)  # no key at all
+    assert response.status_code == 401 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_several_prompts_in_one_completion_request(client):
+    response = client.completions.create(model=MODEL, prompt=[PROMPT, "1, 2, 3,"], max_tokens=3, temperature=0, n=2)
+    texts = [c.text for c in response.choices]
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert texts[0] == texts[1] != texts[2] == texts[3]
