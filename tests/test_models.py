@@ -9,8 +9,10 @@ import time
 import pytest
 import torch
 
-from nanoengine import Completion, InvalidParameterError, UnknownModelError, configure, engine
-from nanoengine.models import FairLock, get_model, model_options
+from nanoengine import Completion, InvalidParameterError, UnknownModelError, configure
+from nanoengine import models as engine
+from nanoengine.engine import EngineSettings
+from nanoengine.models import engine_settings, get_model, model_options
 from nanoengine.loading import resolve_dtype
 
 
@@ -20,6 +22,8 @@ def fresh_settings(monkeypatch):
     monkeypatch.setattr(engine, "_settings", engine._Settings())
     monkeypatch.delenv(engine.DTYPE_ENV, raising=False)
     monkeypatch.delenv(engine.DEVICE_ENV, raising=False)
+    for variable in engine.ENGINE_ENV.values():
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture
@@ -123,26 +127,31 @@ def test_compiled_model_gives_the_same_text(tiny_folder):
     assert compiled.output.text == plain.output.text
 
 
-def test_fair_lock_is_granted_in_arrival_order_and_times_out():
-    lock = FairLock()
-    assert lock.acquire()
-    order = []
+def test_engine_settings_come_from_configure_then_the_environment_then_the_defaults(monkeypatch):
+    assert engine_settings() == EngineSettings()
+    monkeypatch.setenv("NANOENGINE_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("NANOENGINE_PREFILL_CHUNK", "64")
+    assert engine_settings() == EngineSettings(max_batch_size=4, prefill_chunk=64)
+    configure(max_batch_size=2, max_seq_len=512)
+    assert engine_settings() == EngineSettings(max_batch_size=2, max_seq_len=512, prefill_chunk=64)
+    assert model_options().engine == engine_settings()  # part of the cache key
 
-    def waiter(i):
-        assert lock.acquire(timeout=10)
-        order.append(i)
-        lock.release()
 
-    threads = []
-    for i in range(4):
-        threads.append(threading.Thread(target=waiter, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.05)  # so the arrival order is known
-    start = time.monotonic()
-    assert not lock.acquire(timeout=0.1)  # held: times out, and leaves the queue
-    assert 0.09 < time.monotonic() - start < 1.0
-    lock.release()
-    for t in threads:
-        t.join()
-    assert order == [0, 1, 2, 3]
-    assert lock.acquire(timeout=0)
+@pytest.mark.parametrize("value", [0, -1, 2.5, "many", True])
+def test_bad_engine_settings_are_named(monkeypatch, value):
+    with pytest.raises(InvalidParameterError, match="max_batch_size must be an integer >= 1.*configure"):
+        configure(max_batch_size=value)
+    monkeypatch.setenv("NANOENGINE_PREFILL_CHUNK", str(value))
+    with pytest.raises(InvalidParameterError, match=r"prefill_chunk must be an integer >= 1.*\$NANOENGINE_PREFILL_CHUNK"):
+        engine_settings()
+
+
+def test_the_kv_pool_is_sized_once_from_the_settings(tiny_folder):
+    """Rows x longest sequence, whatever requests ask for; a request longer than a row is refused."""
+    configure(max_batch_size=3, max_seq_len=64)
+    loaded = get_model(str(tiny_folder))
+    config = loaded.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert loaded.engine.kv_cache_bytes == 3 * 64 * per_token
+    with pytest.raises(InvalidParameterError, match="longest sequence of 64 tokens.*max_seq_len"):
+        Completion.create(str(tiny_folder), "Hello", max_new_tokens=100)

@@ -180,14 +180,20 @@ class _Chunks:
 
 
 class CompletionStream(_Chunks):
-    """What `Completion.create(..., stream=True)` gives: `for chunk in stream`.
+    """What `Completion.create(..., stream=True)` gives: `for chunk in stream` (or `next(stream)`).
 
-    Leaving the loop early, `close()`, or dropping the stream stops the generation at the next
+    Breaking out of the loop, `close()`, or dropping the stream stops the generation at the next
     step of the engine.
     """
 
     def __iter__(self) -> Iterator[CompletionStreamV1Response]:
-        return self
+        """A fresh generator over the chunks: a `for` loop that breaks drops it, and dropping it
+        stops the request (the engine would otherwise run ahead for a reader who left)."""
+        try:
+            while not self._done:
+                yield next(self)
+        finally:
+            self._stop()
 
     def __next__(self) -> CompletionStreamV1Response:
         if self._done:
@@ -238,7 +244,16 @@ class AsyncCompletionStream(_Chunks):
     """
 
     def __aiter__(self) -> AsyncIterator[CompletionStreamV1Response]:
-        return self
+        """A fresh async generator over the chunks, which stops the request once an `async for`
+        that breaks drops it."""
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[CompletionStreamV1Response]:
+        try:
+            while not self._done:
+                yield await self.__anext__()
+        finally:
+            self._stop()
 
     async def __anext__(self) -> CompletionStreamV1Response:
         if self._done:
