@@ -24,11 +24,10 @@ import requests
 os.environ.setdefault("LLM_ENGINE_DISABLE_VERSION_CHECK", "true")  # importing llmengine asks PyPI otherwise
 
 import llmengine  # noqa: E402
-import uvicorn  # noqa: E402
 from llmengine.errors import BadRequestError, NotFoundError, UnauthorizedError  # noqa: E402
 
 import nanoengine  # noqa: E402
-from nanoengine.server import ServerSettings, ServerSetupError, create_app, served_models  # noqa: E402
+from nanoengine.server import ServerSettings, ServerSetupError, served_models, uvicorn_server  # noqa: E402
 
 # The client's own use of aiohttp's deprecated BasicAuth is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:llmengine")
@@ -42,8 +41,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 @contextmanager
 def running_server(settings: ServerSettings) -> Iterator[str]:
     """An in-process uvicorn server on a free loopback port; yields its base URL."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None, access_log=False)
-    server = uvicorn.Server(config)
+    server = uvicorn_server(settings, "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -185,7 +183,7 @@ def test_a_key_is_required_once_configured(keyed_server_url, monkeypatch):
 
 def test_malformed_and_oversized_bodies_are_refused(server_url):
     url = f"{server_url}v1/llm/completions-sync?model_endpoint_name={MODEL}"
-    bad = requests.post(url, data=b'{"prompt": "hi",', timeout=10)
+    bad = requests.post(url, data=b'{"prompt": "hi",', headers={"content-type": "application/json"}, timeout=10)
     assert bad.status_code == 400 and "not valid JSON" in bad.json()["detail"]
     assert requests.post(url, json=["a", "list"], timeout=10).status_code == 400
     huge = requests.post(url, json={"prompt": "x" * (2 << 20)}, timeout=10)

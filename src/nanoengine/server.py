@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +32,7 @@ from .registry import DEFAULT_MODEL, REGISTRY
 from .types import CompletionStreamV1Response, StreamError, StreamErrorContent
 
 if TYPE_CHECKING:  # imported at run time only once a server is built
+    import uvicorn
     from fastapi import FastAPI, Request
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5005
 DEFAULT_REQUEST_TIMEOUT = 600.0
 MAX_BODY_BYTES = 1 << 20  # a prompt filling a 8k-token context is well under 100 kB
+DEFAULT_RECEIVE_TIMEOUT = 20.0  # for a whole request to arrive: 1 MB at 50 kB/s
+DEFAULT_MAX_CONNECTIONS = 1000
+MAX_HEADER_BYTES = 16 << 10  # uvicorn's (h11's) default, said here
 
 # Request body fields handed to `Completion.acreate`; other fields are ignored, as LLM Engine does.
 COMPLETION_FIELDS = (
@@ -68,6 +72,15 @@ class ServerSettings:
     api_key: str | None = None
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_body_bytes: int = MAX_BODY_BYTES
+    receive_timeout: float = DEFAULT_RECEIVE_TIMEOUT  # for a request's headers and body to arrive
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # lowered to fit the open-files limit
+    # `Host` names accepted beyond loopback ones ("*": any); None accepts any (`serve` on a
+    # non-loopback address without an explicit list).
+    allowed_hosts: tuple[str, ...] | None = ()
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServerSetupError("the API key is empty: give a key, or none to serve without one")
 
 
 def served_models(specs: list[str] | None) -> dict[str, str]:
@@ -107,6 +120,8 @@ def error_status(err: BaseException) -> tuple[int, str]:
     """The HTTP status and message that an error is answered with."""
     if isinstance(err, ApiError):
         return err.status, err.detail
+    if isinstance(err, ClientGone):
+        return 499, str(err)  # nobody reads it; nginx's "client closed request"
     if isinstance(err, UnknownModelError):
         return 404, str(err)
     if isinstance(err, InvalidParameterError):
@@ -130,12 +145,16 @@ class RequestRecord:
         self.kind, self.model, self.in_flight = kind, model, in_flight
         self.request_id = "-"  # the response's request_id, once there is one
         self.tokens: int | None = None
-        self.outcome = "disconnected"  # unless the request ends otherwise
+        self.outcome = "disconnected"  # unless the request ends otherwise (also when the client left)
         self.start = time.monotonic()
+        self.quiet = False  # logged at DEBUG only: a connection the server closed and reported
         in_flight.requests += 1
 
     def fail(self, err: BaseException) -> tuple[int, str]:
         status, message = error_status(err)
+        if isinstance(err, ClientGone):  # not an error: the finishing line says "disconnected"
+            self.quiet = err.quiet
+            return status, message
         self.outcome = f"{status} {message}"
         if status == 500 and not isinstance(err, (NanoEngineError, TimeoutError)):
             logger.error("%s %s failed", self.request_id, self.kind, exc_info=err)
@@ -145,9 +164,10 @@ class RequestRecord:
         self.in_flight.requests -= 1
         tokens = "-" if self.tokens is None else self.tokens
         duration = time.monotonic() - self.start
-        logger.info(
-            "%s %s model=%s tokens=%s %.2fs %s", self.request_id, self.kind, self.model, tokens, duration, self.outcome
-        )
+        logger.log(
+            logging.DEBUG if self.quiet else logging.INFO,
+            "%s %s model=%s tokens=%s %.2fs %s", self.request_id, self.kind, self.model, tokens, duration, self.outcome,
+        )  # fmt: skip
 
 
 def create_app(settings: ServerSettings) -> "FastAPI":
@@ -155,9 +175,12 @@ def create_app(settings: ServerSettings) -> "FastAPI":
     try:
         from fastapi import APIRouter, Depends, FastAPI, Request, Response
         from fastapi.responses import JSONResponse
+
+        from .server_guard import RequestGuard
     except ImportError as err:
         raise ServerSetupError("the server needs its extra: pip install 'nanoengine[server]'") from err
-    app = FastAPI(title="nanoengine", version=version(), docs_url=None, redoc_url=None)
+    app = FastAPI(title="nanoengine", version=version(), docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts)
     in_flight = InFlight()
     event_stream = event_stream_response_class()
 
@@ -172,6 +195,10 @@ def create_app(settings: ServerSettings) -> "FastAPI":
 
     async def authorized(request: Request) -> None:
         check_key(request, settings.api_key)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
 
     v1 = APIRouter(prefix="/v1/llm", dependencies=[Depends(authorized)])
 
@@ -193,7 +220,8 @@ def create_app(settings: ServerSettings) -> "FastAPI":
             record.request_id, record.tokens = response.request_id, response.output.num_completion_tokens
             record.outcome = "200"
             return JSONResponse(response.dict())
-        except ClientGone:
+        except ClientGone as gone:
+            record.fail(gone)
             return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
         except Exception as err:
             status, message = record.fail(err)
@@ -295,12 +323,20 @@ async def read_json(request: "Request", limit: int) -> dict[str, Any]:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is larger than {limit} bytes")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        from .server_guard import CLOSED_BY_SERVER
+
+        closed = request.scope.get("state", {}).get(CLOSED_BY_SERVER)  # and reported, once per interval
+        raise ClientGone(closed or "the client disconnected while sending its request", quiet=bool(closed)) from None
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as err:
@@ -311,7 +347,11 @@ async def read_json(request: "Request", limit: int) -> dict[str, Any]:
 
 
 class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
+    """The client disconnected before its answer was ready (`quiet`: the server closed it, and said so)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 async def unless_disconnected(request: "Request", work: Awaitable[T]) -> T:
@@ -387,11 +427,33 @@ def preload(settings: ServerSettings) -> None:
 
 def serve(settings: ServerSettings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
     """Run the server until Ctrl-C / SIGTERM; in-flight requests get 5 s to finish, then are cancelled."""
+    server = uvicorn_server(settings, host, port)
+    from .server_guard import is_loopback_address
+
+    if settings.api_key is None and not is_loopback_address(host):
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    server.run()
+
+
+def uvicorn_server(settings: ServerSettings, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> "uvicorn.Server":
+    """The uvicorn server for `settings`, with the limits of `server_guard` (see there why)."""
     try:
         import uvicorn
+
+        from .server_guard import LISTEN_BACKLOG, ConnectionLimits, connection_cap, guarded_protocol
+        from .server_guard import is_loopback_address, throttle_resource_errors
     except ImportError as err:
         raise ServerSetupError("the server needs its extra: pip install 'nanoengine[server]'") from err
-    app = create_app(settings)
-    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    loopback = is_loopback_address(host)
+    if not loopback and settings.allowed_hosts == ():
+        settings = replace(settings, allowed_hosts=None)  # reachable by other names by intent
+    limits = ConnectionLimits(settings.receive_timeout, connection_cap(settings.max_connections))
+    logger.info(
+        "at most %d connections; a request must arrive within %g s", limits.max_connections, limits.receive_timeout
+    )
+    throttle_resource_errors()
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+        http=guarded_protocol(limits), h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=LISTEN_BACKLOG,
+    )  # fmt: skip
+    return uvicorn.Server(config)

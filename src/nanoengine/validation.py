@@ -92,7 +92,18 @@ def _model_name(model_name: Any, model: Any) -> str | os.PathLike:
 def _prompt(prompt: Any) -> str:
     if not isinstance(prompt, str) or not prompt:
         raise InvalidParameterError(f"prompt must be a non-empty string, not {prompt!r}")
+    _unicode("prompt", prompt)
     return prompt
+
+
+def _unicode(name: str, text: str) -> None:
+    """Text the tokenizer can take: no lone surrogate (JSON's `"\\ud800"` escape, Python's `"\\ud800"`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidParameterError(
+            f"{name} must be valid Unicode text; it holds a lone surrogate {text[err.start]!r} at index {err.start}"
+        ) from None
 
 
 def _max_new_tokens(value: Any) -> int:
@@ -126,6 +137,8 @@ def _stop_sequences(value: Any) -> tuple[str, ...]:
     stops = (value,) if isinstance(value, str) else value
     if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
         raise InvalidParameterError(f"stop_sequences must be a list of non-empty strings, not {value!r}")
+    for stop in stops:
+        _unicode("stop_sequences", stop)
     return tuple(stops)
 
 
