@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+from .chat_cli import add_chat_command, run_chat
 from .cli_inspect import add_inspect, run_inspect
 from .errors import InvalidParameterError, NanoEngineError
 from .fetch import is_checkpoint
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_complete(commands)
     add_inspect(commands)
+    add_chat_command(commands)
     add_serve(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
-    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect}
+    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect, "chat": run_chat}
     try:
         return run[args.command](args)
     except InvalidParameterError as err:
@@ -161,7 +163,9 @@ def run_complete(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     loaded = get_model(args.model)  # loaded before the clock starts: the speed shown is the model's
     if args.chat:
-        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        from .chat import chat_prompt  # the prompt that llm.chat() builds: one path for every chat surface
+
+        prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": prompt}])
     params = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
         stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
