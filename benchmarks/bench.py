@@ -373,13 +373,13 @@ def save(results: dict, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path | None]
     return json_path, chart(results, out_dir / f"{stem}.png")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--systems", help=f"comma-separated, from: {', '.join(SYSTEMS)} (default: all available)")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="measured runs per system, after a warm-up (default: 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in every system (default: 2)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt length in tokens (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
     p.add_argument("--folder", help="checkpoint folder (default: the default model, fetched if missing)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 run, 16-token prompt, 8 tokens, fp32 only")
@@ -391,8 +391,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     if args.worker:
         worker(args)
         return 0
@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median (min-max) of {results['runs']} runs, ratio to {results['baseline']} in bold")  # fmt: skip
     print(table(results))
     print(f"results: {json_path}" + (f", chart: {png_path}" if png_path else ""))
+    if png_path is None:
+        print("chart: skipped, matplotlib is not installed (pip install 'nanoengine[bench]')")
     return 0
 
 

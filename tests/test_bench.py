@@ -39,3 +39,5 @@ def test_quick_benchmark_writes_a_table_json_and_chart(smollm2_folder, tmp_path,
             assert len(figures["runs"]) == 1
     if importlib.util.find_spec("matplotlib"):  # the chart is optional, like its library
         assert json_path.with_suffix(".png").is_file()
+    else:
+        assert "chart: skipped, matplotlib is not installed" in out

@@ -164,3 +164,61 @@ def test_serve_refuses_a_model_it_cannot_find():
     done = nanoengine("serve", "--models", "no-such-model")
     assert done.returncode == 1
     assert done.stderr.strip().startswith("nanoengine: error: --models 'no-such-model'")
+
+
+# --- every option checked before any model is loaded (issue 13, item 6; issue 11's new-user fixes) ---
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--port", "99999"], "argument --port: must be in 0..65535"),
+        (["serve", "--request-timeout", "nan"], "argument --request-timeout: must be a finite number"),
+        (["serve", "--request-timeout", "inf"], "argument --request-timeout: must be a finite number"),
+        (["serve", "--receive-timeout", "0"], "argument --receive-timeout: must be a finite number"),
+        (["serve", "--max-connections", "0"], "argument --max-connections: must be an integer >= 1"),
+        (["serve", "--api-key", ""], "argument --api-key: must not be empty"),
+        (["complete", "hi", "--device", "mps"], "argument --device: must be 'cpu', 'cuda' or 'auto', not 'mps'"),
+        (["complete", "hi", "--dtype", "fp16"], "argument --dtype: must be one of float32"),
+        (["serve", "--dtype", "fp16"], "argument --dtype: must be one of float32"),
+        (["complete", "hi", "--temperature", "5"], "--temperature must be in"),
+        (["complete", "hi", "--top-p", "0"], "--top-p must be a number in (0, 1]"),
+        (["complete", "a\udc80b"], "prompt must be valid Unicode text"),
+    ],
+)
+def test_bad_options_are_one_line_before_any_model_is_loaded(smollm2_folder, args, message):
+    done = subprocess.run(command(*args), capture_output=True, text=True, timeout=300, errors="surrogateescape")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no "loading ..." line: nothing was loaded
+    assert message in done.stderr and "configure()" not in done.stderr
+
+
+def test_an_empty_api_key_in_the_environment_is_refused():
+    env = {**os.environ, "NANOENGINE_API_KEY": ""}
+    done = subprocess.run(command("serve"), capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "nanoengine serve: error: $NANOENGINE_API_KEY is set but empty: unset it to serve without a key"
+
+
+def test_chat_on_a_checkpoint_without_a_template_fails_before_loading(smollm2_folder, tmp_path):
+    folder = tmp_path / "no-template"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (folder / name).symlink_to(smollm2_folder / name)
+    done = nanoengine("complete", "--chat", "hi", "--model", str(folder))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"nanoengine complete: error: --chat: {folder} has no chat template; leave --chat out to complete raw text"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    done = nanoengine("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"nanoengine {version('nanoengine')}"
+
+
+def test_bench_help_is_the_bench_commands_own():
+    done = nanoengine("bench", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: nanoengine bench ")
+    assert re.search(r"--runs RUNS\s+measured runs per system", done.stdout)

@@ -247,3 +247,10 @@ def test_models_are_served_under_the_names_given(smollm2_folder):
     }
     with pytest.raises(ServerSetupError, match="no-such-model"):
         served_models(["x=no-such-model"])
+
+
+def test_a_folder_whose_path_holds_an_equals_sign_is_served_under_the_name_given(tmp_path):
+    folder = tmp_path / "runs" / "lr=3e-4" / "checkpoint"
+    folder.mkdir(parents=True)
+    assert served_models([f"mine={folder}"]) == {"mine": str(folder.resolve())}
+    assert served_models([str(folder)]) == {"checkpoint": str(folder.resolve())}

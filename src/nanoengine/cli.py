@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import NoReturn
 
-from .chat_cli import add_chat_command, run_chat
+from . import cli_options as check
 from .cli_inspect import add_inspect, run_inspect
 from .errors import InvalidParameterError, NanoEngineError
 from .fetch import is_checkpoint
@@ -33,18 +34,25 @@ EXAMPLES = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage itself is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nanoengine",
         description="Run small language models locally: complete prompts, or serve LLM Engine's REST API.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {check.nanoengine_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_complete(commands)
     add_inspect(commands)
-    add_chat_command(commands)
     add_serve(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
@@ -59,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         help="run the benchmarks (nanoengine bench --help for their options)",
-        add_help=False,  # --help goes to the benchmark script
+        add_help=False,  # --help goes to the benchmark script, which names itself `nanoengine bench`
         prefix_chars="\0",  # every argument goes to the benchmark script
     ).add_argument("bench_args", nargs="*", metavar="ARG")
     return parser
@@ -68,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--dtype",
+        type=check.dtype_name,
         help="float32, bfloat16, float16, int8 (weight-only) or auto (default: float32 on CPU, bfloat16 on CUDA); "
         "on CPU, half and int8 weights are only faster with --compile",
     )
-    command.add_argument("--device", help="cpu, cuda or auto (default: cpu)")
+    command.add_argument("--device", type=check.device_name, help="cpu, cuda or auto (default: cpu)")
     command.add_argument(
         "--compile", action="store_true", help="compile the decode step (faster decoding; costs start-up time)"
     )
@@ -100,7 +109,8 @@ def add_complete(commands: argparse._SubParsersAction) -> None:
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
-    from .server import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_REQUEST_TIMEOUT
+    from .server import DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, DEFAULT_RECEIVE_TIMEOUT
+    from .server import DEFAULT_REQUEST_TIMEOUT
 
     serve = commands.add_parser(
         "serve",
@@ -111,15 +121,28 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )
     option = serve.add_argument
     option("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
-    option("--port", type=int, default=DEFAULT_PORT, help=f"port; 0 picks a free one (default: {DEFAULT_PORT})")
-    option("--api-key", metavar="KEY", help="require this key (default: $NANOENGINE_API_KEY, else no key)")
+    option("--port", type=check.port_number, default=DEFAULT_PORT, help=f"port; 0 picks a free one (default: {DEFAULT_PORT})")
+    option("--api-key", type=check.api_key, metavar="KEY", help="require this key (default: $NANOENGINE_API_KEY, else no key)")
     option(
         "--models", nargs="+", metavar="MODEL",
         help=f"what to serve: registered names, checkpoint folders, or NAME=FOLDER (default: {DEFAULT_MODEL})",
     )  # fmt: skip
     option(
-        "--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
+        "--request-timeout", type=check.positive_seconds, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
         help=f"longest a request may take (default: {DEFAULT_REQUEST_TIMEOUT:g})",
+    )  # fmt: skip
+    option(
+        "--receive-timeout", type=check.positive_seconds, default=DEFAULT_RECEIVE_TIMEOUT, metavar="SECONDS",
+        help=f"longest a client may take to send a whole request, headers and body (default: {DEFAULT_RECEIVE_TIMEOUT:g})",
+    )  # fmt: skip
+    option(
+        "--max-connections", type=check.positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+        help=f"most connections open at once (default: {DEFAULT_MAX_CONNECTIONS}, or fewer to fit the open-files limit)",
+    )  # fmt: skip
+    option(
+        "--allow-host", action="append", metavar="NAME",
+        help="accept requests for this Host name too (repeat for several; * for any). Bound to loopback, "
+        "the server answers loopback names only, against DNS rebinding; bound elsewhere, any name",
     )  # fmt: skip
     add_model_options(serve)
 
@@ -135,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
-    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect, "chat": run_chat}
+    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect}
     try:
         return run[args.command](args)
     except InvalidParameterError as err:
@@ -161,11 +184,12 @@ def run_complete(args: argparse.Namespace) -> int:
 
     configure_model_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    check.check_completion_options(args, prompt)
+    if args.chat:
+        check.check_chat_template(args.model)
     loaded = get_model(args.model)  # loaded before the clock starts: the speed shown is the model's
     if args.chat:
-        from .chat import chat_prompt  # the prompt that llm.chat() builds: one path for every chat surface
-
-        prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": prompt}])
+        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     params = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
         stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -196,18 +220,17 @@ def report_speed(prompt_tokens: int | None, new_tokens: int | None, start: float
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import os
-
     from .server import ServerSettings, preload, serve, served_models
 
     configure_model_options(args)
     settings = ServerSettings(
         models=served_models(args.models),
-        api_key=args.api_key or os.environ.get("NANOENGINE_API_KEY") or None,
+        api_key=args.api_key if args.api_key is not None else check.api_key_from_environment(),
         request_timeout=args.request_timeout,
+        receive_timeout=args.receive_timeout,
+        max_connections=args.max_connections,
+        allowed_hosts=tuple(args.allow_host or ()),
     )
-    if settings.request_timeout <= 0:
-        raise InvalidParameterError(f"--request-timeout must be > 0, not {settings.request_timeout:g}")
     preload(settings)
     serve(settings, host=args.host, port=args.port)
     return 0
@@ -250,4 +273,4 @@ def run_bench(args: argparse.Namespace) -> int:
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
-    return bench.main(args.bench_args)
+    return bench.main(args.bench_args, prog="nanoengine bench")

@@ -56,6 +56,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'auto', not {device!r}") from None
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, ...: nanoengine runs on neither
+        raise InvalidParameterError(f"device must be 'cpu', 'cuda' or 'auto', not {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError("device 'cuda' was asked for, but torch sees no CUDA device")
     return device

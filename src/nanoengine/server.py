@@ -97,7 +97,9 @@ def served_model(spec: str) -> tuple[str, str]:
     if spec in REGISTRY or Path(spec).expanduser().is_dir():
         name, target = "", spec
     else:
-        name, _, target = spec.rpartition("=")
+        name, equals, target = spec.partition("=")  # a name has no "="; a folder's path may
+        if not equals:
+            name, target = "", spec
     if target in REGISTRY:
         return name or target, target
     folder = Path(target).expanduser().resolve()
