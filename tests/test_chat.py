@@ -94,3 +94,12 @@ def test_a_checkpoint_without_a_template_says_so(tmp_path):
     (folder / "tokenizer_config.json").write_text("{}", encoding="utf-8")
     with pytest.raises(CheckpointError, match="no chat template"):
         chat_prompt(Tokenizer.from_folder(folder), QUESTION)
+
+
+def test_the_readme_chat_example_runs(capsys, smollm2_folder):
+    from test_readme_examples import README, python_blocks
+
+    example = python_blocks(README.read_text(encoding="utf-8"), "## Chat")[0]
+    assert "llm.chat(messages" in example
+    exec(compile(example, "README.md chat example", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.count("Paris") == 2  # the full answer, then the streamed one

@@ -221,3 +221,13 @@ def test_several_prompts_in_one_completion_request(client):
     texts = [c.text for c in response.choices]
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
     assert texts[0] == texts[1] != texts[2] == texts[3]
+
+
+def test_the_readme_openai_example_runs(server_url, capsys):
+    from test_readme_examples import README, python_blocks
+
+    example = python_blocks(README.read_text(encoding="utf-8"), "## Chat")[1]
+    assert 'base_url="http://127.0.0.1:5005/v1", api_key="unused"' in example
+    example = example.replace("http://127.0.0.1:5005/", server_url).replace('api_key="unused"', f'api_key="{KEY}"')
+    exec(compile(example, "README.md OpenAI example", "exec"), {"__name__": "__main__"})
+    assert "Paris" in capsys.readouterr().out
