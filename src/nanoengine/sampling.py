@@ -93,10 +93,9 @@ def sample(samplers: list[Sampler], logits: torch.Tensor) -> tuple[torch.Tensor,
     tokens = torch.argmax(shaped, dim=-1)  # (B,): right for the greedy rows
     sampled = [b for b, s in enumerate(samplers) if not s.params.greedy]
     if sampled:
-        probs, order = _filtered_probs(shaped[sampled], [samplers[b].params for b in sampled])  # (S, V) each
+        probs = _filtered_probs(shaped[sampled], [samplers[b].params for b in sampled])  # (S, V)
         for row, b in enumerate(sampled):
-            pick = torch.multinomial(probs[row], 1, generator=samplers[b].generator)  # (1,)
-            tokens[b] = order[row, pick[0]] if order is not None else pick[0]
+            tokens[b] = torch.multinomial(probs[row], 1, generator=samplers[b].generator)[0]
     for s, token in zip(samplers, tokens):
         if s.counts is not None:
             s.counts[token] += 1
@@ -107,26 +106,34 @@ def _any_counts(samplers: list[Sampler]) -> bool:
     return any(s.counts is not None for s in samplers)
 
 
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Sampling probabilities (S, V) after temperature, top_k and top_p, each row its own.
 
     Logits are shifted so their maximum is 0 before dividing by the temperature, so that a tiny
     temperature sends the others to -inf (greedy in effect) instead of overflowing to inf - inf.
-    When any row filters, the rows are sorted and the probabilities come back in sorted order
-    with the permutation (`order`) that maps them to token ids; otherwise `order` is None.
+    Filters are worked out on sorted rows but applied in token order, so that a row's draw from
+    its generator picks the same token whatever the other rows of the batch ask for.
     """
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # (S, 1)
     scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # (S, V), <= 0
-    if all(p.top_k in (None, -1) and p.top_p in (None, 1.0) for p in params):
-        return torch.softmax(scaled, dim=-1), None
-    V = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k not in (None, -1) else V for p in params], device=logits.device)
-    top_p = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in params], device=logits.device, dtype=torch.float64)
-    ordered, order = torch.sort(scaled, dim=-1, descending=True)  # (S, V)
-    drop = torch.arange(V, device=logits.device)[None, :] >= top_k[:, None]  # beyond the k best
+    filtering = [i for i, p in enumerate(params) if p.top_k not in (None, -1) or p.top_p not in (None, 1.0)]
+    if filtering:
+        drop = torch.zeros_like(scaled, dtype=torch.bool)  # (S, V)
+        drop[filtering] = _dropped(scaled[filtering], [params[i] for i in filtering])
+        scaled = scaled.masked_fill(drop, -math.inf)
+    return torch.softmax(scaled, dim=-1)
+
+
+def _dropped(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Which tokens (F, V) top_k, then top_p, leave out; the most likely token always stays."""
+    V = scaled.shape[-1]
+    top_k = torch.tensor([p.top_k if p.top_k not in (None, -1) else V for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p if p.top_p is not None else 1.0 for p in params], device=scaled.device, dtype=torch.float64)
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)  # (F, V)
+    drop = torch.arange(V, device=scaled.device)[None, :] >= top_k[:, None]  # beyond the k best
     probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
     # Drop a token when the tokens before it already reach top_p (compared in float64, so that a
-    # top_p below float32's range still keeps something); the best token always stays.
+    # top_p below float32's range still keeps something).
     drop |= (torch.cumsum(probs, dim=-1) - probs).double() >= top_p[:, None]
     drop[:, 0] = False
-    return torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1), order
+    return torch.zeros_like(drop).scatter(-1, order, drop)  # back in token order
