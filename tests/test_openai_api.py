@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import openai
@@ -231,3 +232,26 @@ def test_the_readme_openai_example_runs(server_url, capsys):
     example = example.replace("http://127.0.0.1:5005/", server_url).replace('api_key="unused"', f'api_key="{KEY}"')
     exec(compile(example, "README.md OpenAI example", "exec"), {"__name__": "__main__"})
     assert "Paris" in capsys.readouterr().out
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_stream_abandoned_mid_way_stops_every_sample(server_url, client):
+    from nanoengine.models import get_model
+
+    engine = get_model(MODEL).engine
+    stream = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=2000, temperature=0,
+                                       n=2, stream=True)  # fmt: skip
+    next(iter(stream))
+    assert engine.active_requests == 2
+    stream.close()  # closes the connection, as a client that goes away does
+    # 2 x 2000 tokens take minutes here: the engine emptying at once means both generations stopped.
+    assert wait_until(lambda: engine.active_requests == 0, seconds=30), "the generation went on after the client left"
+    assert wait_until(lambda: requests.get(f"{server_url}healthz", timeout=10).json()["active_requests"] == 0, 30)
