@@ -316,6 +316,14 @@ def test_sampling_options_are_the_runtimes(tiny):
     assert [t.log_prob for t in out.tokens] == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_tiny_temperature_or_top_p_is_greedy_not_an_error(tiny):
+    """Logits / 1e-40 overflow float32, and top_p=1e-46 rounds to 0 there: both once ended in
+    "probability tensor contains inf, nan or element < 0"."""
+    greedy = Completion.create(tiny, "Hello", 6, 0).output.text
+    assert Completion.create(tiny, "Hello", 6, 1e-40, seed=1).output.text == greedy
+    assert Completion.create(tiny, "Hello", 6, 1.0, top_p=1e-46, seed=1).output.text == greedy
+
+
 def test_penalties_discourage_repeating(real):
     """SmolLM2 answers EMOJI with 🌟🌟...; a presence penalty pushes it off the repeated tokens."""
     plain = Completion.create(real, EMOJI, 6, 0, SLOW).output.text

@@ -80,3 +80,35 @@ def test_penalties_discourage_repeats():
 def test_bad_parameters_are_named(kwargs, name):
     with pytest.raises(InvalidParameterError, match=name):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-8])
+def test_a_tiny_temperature_behaves_as_greedy(temperature):
+    """logits / temperature would overflow float32 to inf (inf - inf = nan); shifted first, it doesn't."""
+    logits = torch.tensor([3.0, 2.5, -1.0, 2.9])
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0), 4)
+    assert [int(sampler(logits)[0]) for _ in range(5)] == [0] * 5
+
+
+@pytest.mark.parametrize("top_p", [1e-46, 5e-324, 1e-9])
+def test_a_top_p_that_masks_everything_keeps_the_most_likely_token(top_p):
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    sampler = Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=0), 3)
+    assert [int(sampler(logits)[0]) for _ in range(5)] == [1] * 5
+
+
+def test_rows_of_one_batch_each_use_their_own_parameters_and_generator():
+    """Greedy and sampled rows, filtered or not, share a batch; each row's tokens are what it
+    would draw alone."""
+    from nanoengine.sampling import sample
+
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=0.8, top_k=3, seed=2),
+        SamplingParams(temperature=1.5, top_p=0.7, seed=3),
+    ]
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    alone = [[int(Sampler(p, 50)(logits[i])[0])] for i, p in enumerate(params)]
+    batched, _ = sample([Sampler(p, 50) for p in params], logits)
+    assert [[t] for t in batched.tolist()] == alone

@@ -115,6 +115,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     its generator picks the same token whatever the other rows of the batch ask for.
     """
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]  # (S, 1)
+    temperature = temperature.clamp_min(torch.finfo(torch.float32).tiny)  # one that rounds to 0 too
     scaled = (logits - logits.amax(-1, keepdim=True)) / temperature  # (S, V), <= 0
     filtering = [i for i, p in enumerate(params) if p.top_k not in (None, -1) or p.top_p not in (None, 1.0)]
     if filtering:
