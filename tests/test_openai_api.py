@@ -64,6 +64,11 @@ def test_chat_matches_llm_chat(client, llm):
     assert response.usage.prompt_tokens == expected.num_prompt_tokens
 
 
+def test_a_chat_without_max_tokens_runs_to_its_end(client):
+    response = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi."}], temperature=0)
+    assert response.choices[0].finish_reason == "stop" and 0 < response.usage.completion_tokens < 200
+
+
 def test_max_completion_tokens_bounds_the_chat(client):
     response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=3, temperature=0)
     assert response.usage.completion_tokens == 3 and response.choices[0].finish_reason == "length"

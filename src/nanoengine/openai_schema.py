@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from .chat import chat_prompt
 from .completion import AsyncCompletionStream, Completion
 from .errors import CheckpointError, InvalidParameterError, UnknownModelError
-from .llm import load
+from .models import get_model
 from .server import ApiError, RequestRecord
 from .types import CompletionOutput, CompletionStreamOutput, TokenOutput
 
@@ -256,10 +256,10 @@ def request_options(kind: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def chat_prompt_and_room(target: str, messages: Any) -> tuple[list[str], int]:
-    """The chat's prompt, and how many tokens the model's context leaves after it."""
-    llm = load(target)
-    prompt = chat_prompt(llm.tokenizer, messages)
-    room = llm.model.config.max_position_embeddings - len(llm.tokenizer.encode(prompt))
+    """The chat's prompt, and how many tokens the engine's longest sequence leaves after it."""
+    loaded = get_model(target)
+    prompt = chat_prompt(loaded.tokenizer, messages)
+    room = loaded.engine.max_seq_len - len(loaded.tokenizer.encode(prompt))
     return [prompt], max(room, 1)  # a prompt that fills the context is refused by the completion, by name
 
 
