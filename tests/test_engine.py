@@ -310,3 +310,36 @@ def test_32_async_streams_and_32_threads_each_get_exactly_their_solo_text(tiny):
     assert round_of_64() == expected  # a second round finds everything as the first left it
     assert len(engine.runner.cache._views) == views
     assert all(t.name == "nanoengine-engine" for t in threading.enumerate() if t.name.startswith("nanoengine"))
+
+
+# --- Memory --------------------------------------------------------------------------------------
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
+    """32 requests for 1,000 new tokens each: 4 run, 28 wait, and memory grows by the pool at most.
+
+    (Before the engine each request reserved its own cache up front: 32 x 1,020 positions x 46 kB
+    = 1.5 GB for SmolLM2.)"""
+    engine = engine_for(smollm2.model, smollm2.tokenizer, max_batch_size=4, max_seq_len=1024)
+    config = smollm2.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert engine.kv_cache_bytes == 4 * 1024 * per_token  # 188 MB, allocated once
+    prompts = [smollm2.tokenizer.encode(f"Write a very long essay about topic number {i}.") for i in range(32)]
+    before = resident_bytes()
+    deadline = time.monotonic() + 600
+    handles = [engine.submit(request(1000, return_token_log_probs=False), ids, deadline) for ids in prompts]
+    try:
+        assert wait_until(lambda: engine.steps >= 40, within=300)
+        grown = resident_bytes() - before
+        assert engine.scheduler.running == 4 and len(engine.scheduler.waiting) == 28
+    finally:
+        for handle in handles:
+            handle.abort()
+    assert grown < engine.kv_cache_bytes + 64 * 2**20
+    assert wait_until(lambda: engine.active_requests == 0)

@@ -81,8 +81,11 @@ def library_greedy(prompt: str, max_new_tokens: int) -> nanoengine.CompletionSyn
     return nanoengine.Completion.create(MODEL, prompt, max_new_tokens, temperature=0, timeout=120)
 
 
-def worker_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "nanoengine-request"]
+def engine_busy() -> bool:
+    """Whether the served model's engine still holds a request (running or waiting)."""
+    from nanoengine.models import get_model
+
+    return get_model(MODEL).engine.active_requests > 0
 
 
 def wait_until(condition, seconds: float) -> bool:
@@ -133,8 +136,13 @@ def test_request_options_reach_the_model(client):
 
 
 def test_concurrent_streams_each_get_their_own_text(client):
-    prompts = ["The capital of France is", "One, two, three,", "def fibonacci(n):"]
+    """Eight streams at once, batched by the engine: each equal to its own solo text."""
+    prompts = [
+        "The capital of France is", "One, two, three,", "def fibonacci(n):", "My favourite colour is",
+        "Once upon a time", "The best way to learn", "import numpy as", "Water boils at",
+    ]  # fmt: skip
     expected = [library_greedy(p, 4).output.text for p in prompts]
+    assert len(set(expected)) == 8
 
     async def one(prompt: str) -> str:
         stream = await client.Completion.acreate(model=MODEL, prompt=prompt, max_new_tokens=4, temperature=0, stream=True)
@@ -202,15 +210,15 @@ def test_a_stream_abandoned_mid_way_stops_its_generation(client, server_url):
         return texts
 
     assert len(asyncio.run(read_two_chunks_and_leave())) == 2
-    # 400 tokens take half a minute here: the worker ending at once means the generation stopped.
-    assert wait_until(lambda: not worker_threads(), seconds=3), "the generation went on after the client left"
+    # 400 tokens take half a minute here: the engine letting go at once means the generation stopped.
+    assert wait_until(lambda: not engine_busy(), seconds=3), "the generation went on after the client left"
     assert requests.get(f"{server_url}healthz", timeout=10).json()["active_requests"] == 0
 
 
 def test_a_sync_request_whose_client_gives_up_stops_its_generation(client):
     with pytest.raises(requests.exceptions.Timeout):
         client.Completion.create(model=MODEL, prompt=ENDLESS, max_new_tokens=400, temperature=0, timeout=1)
-    assert wait_until(lambda: not worker_threads(), seconds=3), "the generation went on after the client left"
+    assert wait_until(lambda: not engine_busy(), seconds=3), "the generation went on after the client left"
 
 
 def test_a_failure_after_the_stream_began_is_a_final_error_chunk(smollm2_folder, monkeypatch):
@@ -254,3 +262,33 @@ def test_a_folder_whose_path_holds_an_equals_sign_is_served_under_the_name_given
     folder.mkdir(parents=True)
     assert served_models([f"mine={folder}"]) == {"mine": str(folder.resolve())}
     assert served_models([str(folder)]) == {"checkpoint": str(folder.resolve())}
+
+
+def test_a_flood_of_huge_requests_waits_its_turn_and_the_server_keeps_answering(smollm2_folder):
+    """12 streams asking 1,000 tokens each of a server sized for 2 sequences: 2 decode, 10 wait
+    in line (the KV pool is allocated once, so memory stays bounded), /healthz answers meanwhile,
+    and once the flood's clients leave, a normal request is served."""
+    from nanoengine import configure, models
+
+    saved = models._settings
+    configure(max_batch_size=2, max_seq_len=1024)
+    try:
+        with running_server(ServerSettings()) as url:
+            route = f"{url}v1/llm/completions-stream?model_endpoint_name={MODEL}"
+            body = {"prompt": ENDLESS, "max_new_tokens": 1000, "temperature": 0}
+            flood = [requests.post(route, json=body, stream=True, timeout=60) for _ in range(12)]
+            engine = models.get_model(MODEL).engine
+            assert engine.runner.cache.batch_size == 2
+            assert wait_until(lambda: engine.scheduler.running == 2 and len(engine.scheduler.waiting) == 10, 30)
+            health = requests.get(f"{url}healthz", timeout=5).json()
+            assert health["active_requests"] == 12
+            for response in flood:
+                response.close()
+            assert wait_until(lambda: engine.active_requests == 0, 30), "the flood's requests outlived their clients"
+            answer = requests.post(
+                f"{url}v1/llm/completions-sync?model_endpoint_name={MODEL}",
+                json={"prompt": PROMPT, "max_new_tokens": 3, "temperature": 0}, timeout=60,
+            )  # fmt: skip
+            assert answer.status_code == 200 and answer.json()["output"]["num_completion_tokens"] == 3
+    finally:
+        models._settings = saved
