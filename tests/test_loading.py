@@ -130,3 +130,23 @@ def test_unknown_dtype(tiny_llama_folder, dtype):
 def test_unknown_device(tiny_llama_folder):
     with pytest.raises(InvalidParameterError, match="device"):
         load_model(tiny_llama_folder, device="tpu")
+
+
+LOAD = """
+from nanoengine import CheckpointError, load_model
+try:
+    load_model({folder!r})
+except CheckpointError as err:
+    print(err)
+"""
+
+
+def test_weights_the_user_may_not_read_are_reported_as_such(tiny_llama_folder):
+    from test_fetch import run_bound_by_file_modes
+
+    weights = tiny_llama_folder / "model.safetensors"
+    weights.chmod(0o000)
+    done = run_bound_by_file_modes(LOAD.format(folder=str(tiny_llama_folder)))
+    assert done.returncode == 0, done.stderr
+    assert f"{weights} cannot be read: permission denied" in done.stdout
+    assert "No such file" not in done.stdout

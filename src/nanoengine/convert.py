@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,8 @@ def convert_gguf(gguf_path: str | Path, out_folder: str | Path) -> None:
     _write_json(out / "generation_config.json", generation)
     # config.json last: a folder is only taken for a checkpoint once it has one.
     _write_json(out / "config.json", config)
+    # safetensors writes its file 0600; give it the mode every other file got (0644 under umask 022).
+    (out / "model.safetensors").chmod(stat.S_IMODE((out / "config.json").stat().st_mode))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

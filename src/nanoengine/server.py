@@ -94,7 +94,7 @@ def served_models(specs: list[str] | None) -> dict[str, str]:
 
 def served_model(spec: str) -> tuple[str, str]:
     """(endpoint name, registered name or absolute folder) for one `--models` entry."""
-    if spec in REGISTRY or Path(spec).expanduser().is_dir():
+    if spec in REGISTRY or is_folder(spec):
         name, target = "", spec
     else:
         name, equals, target = spec.partition("=")  # a name has no "="; a folder's path may
@@ -102,12 +102,19 @@ def served_model(spec: str) -> tuple[str, str]:
             name, target = "", spec
     if target in REGISTRY:
         return name or target, target
-    folder = Path(target).expanduser().resolve()
-    if not folder.is_dir():
+    folder = Path(target).expanduser()
+    if not is_folder(target):
         raise ServerSetupError(
             f"--models {spec!r}: not a registered model ({', '.join(REGISTRY)}) nor a checkpoint folder"
         )
-    return name or folder.name, str(folder)
+    return name or folder.resolve().name, str(folder.resolve())
+
+
+def is_folder(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except OSError:  # e.g. a name too long for a path
+        return False
 
 
 class ApiError(Exception):

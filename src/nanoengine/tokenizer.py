@@ -109,7 +109,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    return settings if isinstance(settings, dict) else {}
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(settings).__name__}")
+    return settings
 
 
 def special_tokens_of(settings: dict[str, Any]) -> dict[str, str]:
