@@ -164,6 +164,13 @@ def test_completion_logprobs(client, llm):
     assert logprobs.text_offset[0] == 0 and all(lp <= 0 for lp in logprobs.token_logprobs)
 
 
+def test_logprobs_zero_still_gives_the_chosen_tokens(client):
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=0)
+    assert len(response.choices[0].logprobs.token_logprobs) == 3
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
 def test_chat_logprobs(client):
     response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0,
                                               logprobs=True, top_logprobs=2)  # fmt: skip

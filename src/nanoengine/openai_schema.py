@@ -90,7 +90,9 @@ class OpenAIJob:
     ) -> None:
         self.kind, self.model, self.prompts, self.sampling = kind, model, prompts, sampling
         self.n, self.stream, self.include_usage = options["n"], options["stream"], options["include_usage"]
-        self.logprobs, self.top_logprobs = options["logprobs"], options["top_logprobs"]
+        # completions: logprobs=0 asks for the chosen tokens' logprobs too; chat: logprobs=false is no
+        self.logprobs = options["logprobs"] is not None and options["logprobs"] is not False
+        self.top_logprobs = options["top_logprobs"]
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         if self.logprobs:
@@ -171,7 +173,7 @@ class OpenAIJob:
             message = {"role": "assistant", "content": output.text, "refusal": None}
             logprobs = self.chat_logprobs(tokens) if self.logprobs else None
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
-        logprobs = completion_logprobs(tokens) if self.logprobs is not None else None
+        logprobs = completion_logprobs(tokens) if self.logprobs else None
         return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": reason}
 
     def chat_logprobs(self, tokens: list[TokenOutput]) -> dict[str, Any]:
@@ -216,7 +218,7 @@ class OpenAIJob:
                 logprobs = self.chat_logprobs(tokens) if self.logprobs else None
                 events.append(self.chunk(index, {"delta": {"content": output.text}, "logprobs": logprobs}))
             else:
-                logprobs = completion_logprobs(tokens) if self.logprobs is not None else None
+                logprobs = completion_logprobs(tokens) if self.logprobs else None
                 events.append(self.chunk(index, {"text": output.text, "logprobs": logprobs}))
         if output.finished:
             reason = self.finish_reason(output.num_completion_tokens)
