@@ -12,21 +12,32 @@ ARGS ?=
 
 .PHONY: setup run test fetch clean
 
-setup: $(VENV)/.setup-done
+# Everything, for development: the package with its test stack.
+setup: $(VENV)/.test-ready
 
-$(VENV)/.setup-done: pyproject.toml
+# The virtual environment with torch in it, before anything that requires torch.
+$(VENV)/.torch-ready:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+# What `make run` and the README's next step (`nanoengine serve`) need: the package and its server extra.
+$(VENV)/.run-ready: pyproject.toml $(VENV)/.torch-ready
+	$(BIN)/python -m pip install --quiet -e ".[server]"
+	touch $@
+
+# What `make test` needs besides: the test extra (transformers as the reference, the clients).
+$(VENV)/.test-ready: pyproject.toml $(VENV)/.torch-ready
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-run: setup
+run: $(VENV)/.run-ready
 	$(BIN)/nanoengine complete --chat "$(PROMPT)" $(ARGS)
 
-test: setup
+test: $(VENV)/.test-ready
 	$(BIN)/python -m pytest $(ARGS)
 
-fetch: setup
+fetch: $(VENV)/.run-ready
 	$(BIN)/nanoengine fetch
 
 clean:

@@ -222,3 +222,15 @@ def test_bench_help_is_the_bench_commands_own():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: nanoengine bench ")
     assert re.search(r"--runs RUNS\s+measured runs per system", done.stdout)
+
+
+def test_make_run_installs_no_test_stack_and_make_test_does():
+    root = Path(__file__).resolve().parents[1]
+    plan = {
+        target: subprocess.run(["make", "-n", "-B", target], cwd=root, capture_output=True, text=True, timeout=60).stdout
+        for target in ("run", "test")
+    }  # -n: print the commands, run none; -B: as on a fresh clone
+    for target, extra in (("run", '-e ".[server]"'), ("test", '-e ".[test]"')):
+        assert extra in plan[target], plan[target]
+        assert plan[target].index("torch==") < plan[target].index(extra), "the CPU torch must come first"
+    assert ".[test]" not in plan["run"]
