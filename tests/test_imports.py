@@ -1,0 +1,16 @@
+"""What `import nanoengine` loads: the runtime, not the tools that only some commands need."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+LOADED_ONLY_WHEN_USED = ("gguf", "nanoengine.convert", "nanoengine.convert_gemma", "nanoengine.convert_common",
+                         "fastapi", "uvicorn", "jinja2", "transformers", "matplotlib")  # fmt: skip
+
+
+def test_import_nanoengine_loads_no_converter_no_server_no_template_engine():
+    check = f"import sys, nanoengine; print(sorted(m for m in {LOADED_ONLY_WHEN_USED!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
