@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from .errors import NanoEngineError
 from .tracing import LogitLens, Trace
 
@@ -40,7 +42,8 @@ def _save(figure: Any, path: str | os.PathLike | None) -> Any:
 
 
 def _heatmap(ax: Any, matrix: Any, tokens: list[str], title: str, labels: bool = True) -> Any:
-    image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+    future = np.triu(np.ones_like(matrix, dtype=bool), k=1)  # keys after the query: never attended, left blank
+    image = ax.imshow(np.ma.masked_array(matrix, future), cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_title(title, fontsize=9)
     ticks = range(len(tokens))
     ax.set_xticks(ticks, [_label(t) for t in tokens] if labels else [], rotation=90, fontsize=7)
