@@ -267,3 +267,15 @@ def test_a_stream_abandoned_mid_way_stops_every_sample(server_url, client):
     # 2 x 2000 tokens take minutes here: the engine emptying at once means both generations stopped.
     assert wait_until(lambda: engine.active_requests == 0, seconds=30), "the generation went on after the client left"
     assert wait_until(lambda: requests.get(f"{server_url}healthz", timeout=10).json()["active_requests"] == 0, 30)
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event(smollm2_folder):
+    endless = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy counting runs on for thousands of tokens, with no end-of-sequence
+    with running_server(ServerSettings(request_timeout=1.0)) as url:
+        quick = openai.OpenAI(base_url=f"{url}v1", api_key="unused", max_retries=0)
+        stream = quick.completions.create(model=MODEL, prompt=endless, max_tokens=4000, temperature=0, stream=True)
+        texts = []
+        with pytest.raises(openai.APIError, match="timeout|timed out"):
+            for chunk in stream:
+                texts.append(chunk.choices[0].text)
+    assert " 9, 10, 11, 12, 13, 14, 15, 16".startswith("".join(texts)[:30])  # what came before the error was whole
