@@ -279,3 +279,17 @@ def test_a_failure_after_the_stream_began_is_an_error_event(smollm2_folder):
             for chunk in stream:
                 texts.append(chunk.choices[0].text)
     assert " 9, 10, 11, 12, 13, 14, 15, 16".startswith("".join(texts)[:30])  # what came before the error was whole
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(tiny_llama_folder):
+    from test_tokenizer import checkpoint_with_template
+
+    folder = checkpoint_with_template(tiny_llama_folder, "gemma-3-it.jinja")  # a tiny random model, Gemma's template
+    with running_server(ServerSettings(models={"tiny": str(folder)})) as url:
+        tiny = openai.OpenAI(base_url=f"{url}v1", api_key="unused", max_retries=0)
+        not_alternating = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        with pytest.raises(openai.BadRequestError, match="roles must alternate") as caught:
+            tiny.chat.completions.create(model="tiny", messages=not_alternating, max_tokens=2)
+        assert caught.value.body["type"] == "invalid_request_error"
+        fine = tiny.chat.completions.create(model="tiny", messages=not_alternating[:1], max_tokens=2, temperature=0)
+        assert fine.usage.completion_tokens == 2
