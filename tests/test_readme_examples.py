@@ -36,3 +36,11 @@ def test_a_readme_example_runs(index, capsys, smollm2_folder):
         pytest.fail(f"README.md lacks example {index + 1} under {SECTION!r}")
     exec(compile(blocks[index], f"README.md example {index + 1}", "exec"), {"__name__": "__main__"})
     assert EXPECTED in capsys.readouterr().out
+
+
+def test_the_engine_sections_batch_example_runs(capsys, smollm2_folder):
+    blocks = python_blocks(README.read_text(encoding="utf-8"), "## The engine: many requests, one batch")
+    assert len(blocks) == 1, "README.md should show llm.generate under its engine section"
+    exec(compile(blocks[0], "README.md engine example", "exec"), {"__name__": "__main__"})
+    out = capsys.readouterr().out
+    assert EXPECTED in out and "def fibonacci" not in out  # two completions, the prompts not echoed
