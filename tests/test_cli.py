@@ -102,7 +102,7 @@ def test_no_stream_and_stop_sequences(smollm2_folder):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["complete", "hi", "--top-k", "0"], "nanoengine complete: error: top_k"),
+        (["complete", "hi", "--top-k", "0"], "nanoengine complete: error: --top-k"),
         (["complete", "hi", "--max-new-tokens", "many"], "invalid int value"),
     ],
 )

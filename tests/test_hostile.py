@@ -208,6 +208,17 @@ def test_at_the_cap_a_stalled_connection_makes_room_and_busy_ones_refuse_with_on
     assert not any(r.exc_info for r in caplog.records)
 
 
+def test_malformed_requests_are_answered_400_and_logged_once_per_interval(smollm2_folder, caplog):
+    caplog.set_level(logging.INFO)
+    bad_header = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nno colon in this header line\r\n\r\n"
+    with running_server(ServerSettings()) as (url, port):
+        for garbage in [b"NOT HTTP AT ALL\r\n\r\n", bad_header] * 15:
+            assert answer_or_close(connect(port, garbage)).startswith(b"HTTP/1.1 400 ")
+        assert completion(url).status_code == 200
+    reports = [r for r in caplog.records if "malformed" in r.getMessage() or "Invalid HTTP" in r.getMessage()]
+    assert 1 <= len(reports) <= 2, [r.getMessage() for r in reports]
+
+
 # --- 3. browser pages ---
 
 

@@ -450,7 +450,7 @@ def uvicorn_server(settings: ServerSettings, host: str = DEFAULT_HOST, port: int
         import uvicorn
 
         from .server_guard import LISTEN_BACKLOG, ConnectionLimits, connection_cap, guarded_protocol
-        from .server_guard import is_loopback_address, throttle_resource_errors
+        from .server_guard import is_loopback_address, throttle_noisy_logs
     except ImportError as err:
         raise ServerSetupError("the server needs its extra: pip install 'nanoengine[server]'") from err
     loopback = is_loopback_address(host)
@@ -460,7 +460,7 @@ def uvicorn_server(settings: ServerSettings, host: str = DEFAULT_HOST, port: int
     logger.info(
         "at most %d connections; a request must arrive within %g s", limits.max_connections, limits.receive_timeout
     )
-    throttle_resource_errors()
+    throttle_noisy_logs()
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
         http=guarded_protocol(limits), h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=LISTEN_BACKLOG,

@@ -11,8 +11,9 @@ for ever, and a few hundred of them exhaust the process. `guarded_protocol` adds
 - a cap on open connections, below the process's open-files limit. At the cap, the connection
   that has waited longest for its request is closed to make room (a stalled client, never one
   whose request is being answered); if every connection is busy answering, the newcomer gets 503.
-- one log line per interval for closed and refused connections, never one per connection, and
-  none of asyncio's per-attempt tracebacks should the open-files limit be reached anyway.
+- one log line per interval for closed and refused connections and for malformed requests, never
+  one per connection, and none of asyncio's per-attempt tracebacks should the open-files limit be
+  reached anyway.
 
 Requests (`RequestGuard`, ASGI middleware): a browser page can post to a local server without a
 CORS preflight if the body is not declared JSON, and DNS rebinding lets a page read a loopback
@@ -41,10 +42,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger("nanoengine.server")
 
 LOG_INTERVAL = 10.0  # seconds between two reports of closed or refused connections
-LISTEN_BACKLOG = 128  # also the most connections asyncio accepts in one go
-# Descriptors kept free below the open-files limit: the process's own (model files, pipes) and
-# one accept batch, since connections closed to make room release theirs on the next loop turn.
-RESERVED_FILES = 64 + LISTEN_BACKLOG
+LISTEN_BACKLOG = 64  # also the most connections asyncio accepts in one go
+# Descriptors kept free below the open-files limit: the process's own (model files, pipes), one
+# accept batch (accepted before the cap is checked) and as many closed to make room for it (their
+# descriptors are released on the next loop turn).
+RESERVED_FILES = 64 + 2 * LISTEN_BACKLOG
 CLOSED_BY_SERVER = "nanoengine.closed_by_server"  # set in a request's scope state when closed here
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's h11 states while its request is incomplete
 LOOPBACK_NAMES = ("localhost",)  # and any `*.localhost` name, which browsers resolve to loopback
@@ -212,11 +214,26 @@ class ResourceErrorFilter(logging.Filter):
         return True
 
 
-def throttle_resource_errors() -> None:
-    """Install `ResourceErrorFilter` on asyncio's logger, once."""
-    asyncio_logger = logging.getLogger("asyncio")
-    if not any(isinstance(f, ResourceErrorFilter) for f in asyncio_logger.filters):
-        asyncio_logger.addFilter(ResourceErrorFilter())
+class InvalidRequestFilter(logging.Filter):
+    """uvicorn warns once per malformed request (or oversized headers): once per interval instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report = ThrottledLog("answered 400 to malformed HTTP requests", level=logging.WARNING)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "Invalid HTTP request received.":
+            self.report.record("headers too large, or not HTTP/1.1")
+            return False
+        return True
+
+
+def throttle_noisy_logs() -> None:
+    """Install the filters above on asyncio's and uvicorn's loggers, once."""
+    for name, kind in (("asyncio", ResourceErrorFilter), ("uvicorn.error", InvalidRequestFilter)):
+        named = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in named.filters):
+            named.addFilter(kind())
 
 
 # --- requests ---
