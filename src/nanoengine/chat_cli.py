@@ -139,11 +139,11 @@ class ChatSession:
         try:
             with closing(self.llm.chat(messages, stream=True, **self.sampling)) as stream:
                 for chunk in stream:
+                    if self.stop.is_set():  # Ctrl-C: nothing more is shown, and the history keeps what was
+                        break
                     answer.append(chunk.text)
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
-                    if self.stop.is_set():
-                        break
             self.history[:] = messages + [{"role": "assistant", "content": "".join(answer)}]
         finally:
             self.generating = False
