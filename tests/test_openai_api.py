@@ -186,13 +186,13 @@ def test_chat_logprobs(client):
 @pytest.mark.parametrize(
     ("kwargs", "param", "complaint"),
     [
-        ({"temperature": 5}, None, "temperature"),
-        ({"top_p": 0}, None, "top_p"),
+        ({"temperature": 5}, "temperature", "temperature"),
+        ({"top_p": 0}, "top_p", "top_p"),
         ({"n": 0}, "n", "n must be"),
-        ({"max_tokens": -1}, None, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens", "max_tokens"),
         ({"stop": [1, 2]}, "stop", "stop must be"),
-        ({"messages": []}, None, "messages must be a non-empty list"),
-        ({"messages": [{"role": "user", "content": 42}]}, None, r"messages\[0\]\['content'\]"),
+        ({"messages": []}, "messages", "messages must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages", r"messages\[0\]\['content'\]"),
         ({"top_logprobs": 3}, "top_logprobs", "needs logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,12 +24,15 @@ from .models import get_model
 from .server import ApiError, RequestRecord
 from .types import CompletionOutput, CompletionStreamOutput, TokenOutput
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context's end
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the sequence's end
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
 # Our parameter names in error messages, as an OpenAI client spells them.
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "return_token_log_probs": "logprobs"}
+# Request fields that a 400's message may begin with, reported as the error's `param`.
+FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
+          "frequency_penalty", "n", "logprobs", "top_logprobs")  # fmt: skip
 UNSUPPORTED = {
     "completions": ("suffix", "logit_bias", "echo"),
     "chat": ("tools", "functions", "logit_bias", "audio", "prediction", "function_call", "tool_choice"),
@@ -59,7 +63,8 @@ def as_openai_error(err: BaseException) -> OpenAIError:
     if isinstance(err, UnknownModelError):
         return OpenAIError(404, message, "model", "model_not_found")
     if isinstance(err, (InvalidParameterError, CheckpointError)):  # CheckpointError here: no chat template
-        return OpenAIError(400, message)
+        field = re.match(r"\w+", message)
+        return OpenAIError(400, message, field[0] if field and field[0] in FIELDS else None)
     if isinstance(err, TimeoutError):
         return OpenAIError(500, message, code="timeout")
     return OpenAIError(500, f"internal error: {type(err).__name__}: {message}")
