@@ -234,3 +234,15 @@ def test_make_run_installs_no_test_stack_and_make_test_does():
         assert extra in plan[target], plan[target]
         assert plan[target].index("torch==") < plan[target].index(extra), "the CPU torch must come first"
     assert ".[test]" not in plan["run"]
+
+
+def test_models_says_which_files_of_a_checkpoint_cannot_be_read(tiny_llama_folder, tmp_path):
+    from test_fetch import run_bound_by_file_modes
+
+    (tiny_llama_folder / "tokenizer.json").write_text("{}")  # enough to be listed as a checkpoint
+    (tiny_llama_folder / "model.safetensors").chmod(0o000)
+    code = "import sys; from nanoengine.cli import main; sys.exit(main(['models']))"
+    done = run_bound_by_file_modes(code, env={"NANOENGINE_WEIGHTS_DIR": str(tiny_llama_folder.parent)})
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stdout.splitlines() if line.startswith("tiny-llama\t"))
+    assert row.split("\t")[1] == "present, unreadable: model.safetensors"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -121,8 +122,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )
     option = serve.add_argument
     option("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
-    option("--port", type=check.port_number, default=DEFAULT_PORT, help=f"port; 0 picks a free one (default: {DEFAULT_PORT})")
-    option("--api-key", type=check.api_key, metavar="KEY", help="require this key (default: $NANOENGINE_API_KEY, else no key)")
+    option("--port", type=check.port_number, default=DEFAULT_PORT, help=f"0 picks a free one (default: {DEFAULT_PORT})")
+    option("--api-key", type=check.api_key, metavar="KEY", help="require this key (default: $NANOENGINE_API_KEY, or none)")
     option(
         "--models", nargs="+", metavar="MODEL",
         help=f"what to serve: registered names, checkpoint folders, or NAME=FOLDER (default: {DEFAULT_MODEL})",
@@ -133,11 +134,11 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     option(
         "--receive-timeout", type=check.positive_seconds, default=DEFAULT_RECEIVE_TIMEOUT, metavar="SECONDS",
-        help=f"longest a client may take to send a whole request, headers and body (default: {DEFAULT_RECEIVE_TIMEOUT:g})",
+        help=f"longest a client may take to send a request, headers and body (default: {DEFAULT_RECEIVE_TIMEOUT:g})",
     )  # fmt: skip
     option(
         "--max-connections", type=check.positive_int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
-        help=f"most connections open at once (default: {DEFAULT_MAX_CONNECTIONS}, or fewer to fit the open-files limit)",
+        help=f"most connections open at once (default: {DEFAULT_MAX_CONNECTIONS}; fewer if the open-files limit is low)",
     )  # fmt: skip
     option(
         "--allow-host", action="append", metavar="NAME",
@@ -247,10 +248,16 @@ def run_models(args: argparse.Namespace) -> int:
     for name, model in REGISTRY.items():
         folder = registered_folder(name)
         present = is_checkpoint(folder)
-        state, size = ("present", folder_size(folder)) if present else ("not fetched", "-")
+        state, size = (presence(folder), folder_size(folder)) if present else ("not fetched", "-")
         print(f"{name}\t{state}\t{size}\t{folder}\t{model.description} (licence: {model.source.license})")
     for folder in unregistered_checkpoints():
-        print(f"{folder.name}\tpresent\t{folder_size(folder)}\t{folder}\tunregistered: use its path as the model")
+        print(f"{folder.name}\t{presence(folder)}\t{folder_size(folder)}\t{folder}\tunregistered: use its path as the model")
+
+
+def presence(checkpoint: Path) -> str:
+    """`present`, or which of its files this user may not read."""
+    unreadable = sorted(f.name for f in checkpoint.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+    return f"present, unreadable: {', '.join(unreadable)}" if unreadable else "present"
     return 0
 
 

@@ -103,9 +103,10 @@ def connection_cap(configured: int) -> int:
 
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a receipt deadline and a connection cap (see the module's doc)."""
+    cap = limits.max_connections
     timeouts = ThrottledLog(f"closed connections that sent no whole request within {limits.receive_timeout:g} s")
-    evictions = ThrottledLog(f"closed connections still waiting for a request, to stay within {limits.max_connections} open")
-    refusals = ThrottledLog(f"refused connections: all {limits.max_connections} open ones are being answered", level=logging.WARNING)  # fmt: skip
+    evictions = ThrottledLog(f"closed connections still waiting for a request, to stay within {cap} open")
+    refusals = ThrottledLog(f"refused connections: all {cap} open ones are being answered", level=logging.WARNING)
 
     class GuardedH11Protocol(H11Protocol):
         refused = False
@@ -296,7 +297,8 @@ class RequestGuard:
         if scope["method"] == "POST":
             media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
             if media_type != "application/json":
-                return 415, f"the request body must be JSON sent as content-type application/json, not {media_type or 'none'!r}"
+                sent = media_type or "none"
+                return 415, f"the request body must be JSON sent as content-type application/json, not {sent!r}"
         return None
 
 
