@@ -5,7 +5,8 @@ shares); answers are streamed. Ctrl-C while an answer is coming ends that answer
 stays in the history); at the prompt, Ctrl-C twice or Ctrl-D (end of input) ends the session.
 
 A Ctrl-C during an answer only sets a flag that the token loop checks, so it can never land in
-the middle of the bookkeeping; a second one before the answer has stopped forces the exit.
+the middle of the bookkeeping; a second one before the answer has stopped (a long prompt still
+being read) breaks out of the wait at once and drops the turn.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class ChatSession:
         self.stop = threading.Event()
 
     def on_interrupt(self, signum: int, frame: Any) -> None:
-        """Ctrl-C: stop the answer being generated; at the prompt (or a second time), interrupt."""
+        """Ctrl-C: stop the answer being generated (at the next token); at the prompt, or pressed again
+        before a stopping answer has stopped, interrupt (the turn is then dropped from the history)."""
         if self.generating and not self.stop.is_set():
             self.stop.set()
             return
@@ -121,7 +123,7 @@ class ChatSession:
                 except (NanoEngineError, TimeoutError) as err:  # e.g. the history outgrew the context
                     print(f"nanoengine chat: error: {err}", file=sys.stderr)
                 except KeyboardInterrupt:
-                    if armed or self.generating:  # a second press, or one that forces a stuck answer to end
+                    if armed:
                         sys.stdout.write("\n")
                         return 0
                     armed = True
