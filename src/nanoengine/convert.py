@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from . import convert_gemma
-from .convert_common import add_gguf_special_tokens, float32_value, read_metadata, renamed_tensor
+from .convert_common import add_gguf_special_tokens, float32_value, quantized_blocks, read_metadata, renamed_tensor
 from .errors import FetchError
 
 logger = logging.getLogger(__name__)
@@ -160,6 +160,27 @@ def hf_tensors(reader: GGUFReader, family: Family, config: dict[str, Any]) -> It
         yield name, np.ascontiguousarray(family.tensor(name, weight, config))
 
 
+def quantized_tensors(reader: GGUFReader, family: Family, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
+    """The Q4_1 and Q8_0 matrices' blocks taken as they are (see `quantized_blocks`), under the
+    names of the quantized modules that load them (`<module>.codes`, `.scale`, `.offset`).
+
+    Only a family change that moves whole rows (the q/k un-permutation) can be applied to blocks;
+    a matrix whose change is anything else is left out, to be quantized at load time.
+    """
+    for tensor in reader.tensors:
+        blocks = quantized_blocks(tensor)
+        if blocks is None:
+            continue
+        name = family.tensor_name(tensor.name)
+        rows = blocks["scale"].shape[0]
+        order = family.tensor(name, np.arange(rows, dtype=np.float32)[:, None], config)[:, 0].astype(np.int64)
+        if sorted(order.tolist()) != list(range(rows)):
+            continue
+        module = name.removesuffix(".weight")
+        for key, value in blocks.items():
+            yield f"{module}.{key}", np.ascontiguousarray(value[order])
+
+
 def tokenizer_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """tokenizer_config.json: special tokens, BOS/EOS behaviour and the chat template."""
     tokens = meta["tokenizer.ggml.tokens"]
@@ -190,6 +211,9 @@ def convert_gguf(gguf_path: str | Path, out_folder: str | Path) -> None:
     config = family.config(meta, not any(t.name == "output.weight" for t in reader.tensors))
     logger.info("converting %s: %d tensors", Path(gguf_path).name, len(reader.tensors))
     save_file(dict(hf_tensors(reader, family, config)), str(out / "model.safetensors"), metadata={"format": "pt"})
+    blocks = dict(quantized_tensors(reader, family, config))
+    if blocks:  # loaded by dtype="int4" and "int8" as they are: exact, and no quantizing at load time
+        save_file(blocks, str(out / "model.blocks.safetensors"), metadata={"format": "pt"})
     family.tokenizer(meta).save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_settings(meta))
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
@@ -197,7 +221,9 @@ def convert_gguf(gguf_path: str | Path, out_folder: str | Path) -> None:
     # config.json last: a folder is only taken for a checkpoint once it has one.
     _write_json(out / "config.json", config)
     # safetensors writes its file 0600; give it the mode every other file got (0644 under umask 022).
-    (out / "model.safetensors").chmod(stat.S_IMODE((out / "config.json").stat().st_mode))
+    for weights in (out / "model.safetensors", out / "model.blocks.safetensors"):
+        if weights.exists():
+            weights.chmod(stat.S_IMODE((out / "config.json").stat().st_mode))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

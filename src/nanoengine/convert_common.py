@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gguf import GGUFReader
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.gguf_reader import ReaderTensor
 from tokenizers import AddedToken, Tokenizer
 
 from .errors import FetchError
@@ -53,3 +55,23 @@ def renamed_tensor(gguf_name: str, layer_tensors: dict[str, str], global_tensors
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_tensors:
         return f"model.layers.{parts[1]}.{layer_tensors[parts[2]]}.{suffix}"
     raise FetchError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart")
+
+
+def quantized_blocks(tensor: ReaderTensor) -> dict[str, np.ndarray] | None:
+    """A Q4_1 or Q8_0 matrix's blocks as they are, in `quantize.py`'s layout: codes (rows, groups,
+    16 packed bytes, or 32 bytes), float16 scale and offset (rows, groups); None for other types.
+
+    A Q4_1 block is d, m, then 16 bytes of nibbles (value j low, j + 16 high): w = d * q + m.
+    A Q8_0 block is d, then 32 int8 values: w = d * q, stored here as d * (q + 128) - 128 * d.
+    """
+    if len(tensor.shape) != 2 or tensor.tensor_type not in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+        return None
+    rows, columns = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists the innermost dimension first
+    block = 20 if tensor.tensor_type == GGMLQuantizationType.Q4_1 else 34
+    data = np.asarray(tensor.data).reshape(rows, columns // 32, block)
+    scale = data[..., 0:2].copy().view(np.float16)[..., 0]
+    if block == 20:
+        offset = data[..., 2:4].copy().view(np.float16)[..., 0]
+        return {"codes": data[..., 4:].copy(), "scale": scale, "offset": offset}
+    codes = (data[..., 2:].copy().view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return {"codes": codes, "scale": scale, "offset": (scale.astype(np.float32) * -128).astype(np.float16)}

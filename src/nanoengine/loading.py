@@ -1,8 +1,10 @@
 """Loading a Hugging Face style checkpoint folder: glob, check, assign.
 
 The model is built on the meta device (no memory), every tensor in the safetensors files is
-checked against the shapes the config implies, and the tensors read from the files are assigned
-in place of the meta parameters, so the weights exist in memory once.
+checked against the shapes the config implies, and the tensors are assigned in place of the meta
+parameters as the files' memory maps hold them: nothing is copied unless the dtype or device
+asks for a conversion, so loading costs little more than mapping the files, and the weights'
+pages are shared with every other process that maps the same file.
 """
 
 from __future__ import annotations
@@ -14,17 +16,28 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.overrides import TorchFunctionMode
 
+from .config import ModelConfig
 from .families import load_config, model_class
 from .errors import CheckpointError, InvalidParameterError
 from .model import CausalLM, RotaryEmbedding
-from .quantize import quantize_rows, use_int8_modules
+from .quantize import GROUP_SIZE, QuantizationPlan, QuantizedWeight, use_quantized_modules
 
 logger = logging.getLogger(__name__)
 
-# int8 means weight-only int8 (see quantize.py): activations stay float.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+# int8 and int4 mean weight-only, group-wise (see quantize.py): activations stay float.
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "int4": torch.int4,
+}
+QUANTIZED_BITS = {torch.int8: 8, torch.int4: 4}
 INDEX_FILE = "model.safetensors.index.json"
+# The GGUF's Q4_1 and Q8_0 blocks as the fetch took them, in `quantize.py`'s layout (convert.py).
+BLOCKS_FILE = "model.blocks.safetensors"
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None, compiled: bool = False) -> torch.dtype:
@@ -97,23 +110,13 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
-def read_tensor(path: Path, name: str) -> torch.Tensor:
-    """One tensor, as a view of the file's memory map; the caller copies what it keeps.
-
-    The file is mapped anew for each tensor so that, once copied, its pages leave the process's
-    resident memory: one mapping kept open for the whole load keeps every page read resident
-    next to the copies, twice the weights' size at the peak.
-    """
-    with safe_open(path, framework="pt") as f:
-        return f.get_tensor(name)
-
-
-def copy_into_layout(
-    tensor: torch.Tensor, like: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """`tensor` converted and copied once into memory laid out as `like` (strides included)."""
-    out = torch.empty_strided(like.shape, like.stride(), dtype=dtype or tensor.dtype, device=device)
-    return out.copy_(tensor)
+def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of its private (copy-on-write) memory map."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
@@ -143,6 +146,28 @@ def check_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[i
         raise CheckpointError("checkpoint does not fit the model; " + "; ".join(problems))
 
 
+class SkipInitialization(TorchFunctionMode):
+    """Make the modules' in-place weight initialisations no-ops: loading replaces every value.
+
+    On the meta device they would compute nothing anyway, but the first `normal_` there imports
+    `torch._dynamo` for its decomposition, a second or more of start-up.
+    """
+
+    INITIALIZERS = frozenset({"normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_", "zero_", "fill_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in self.INITIALIZERS:
+            return args[0] if args else kwargs["tensor"]  # torch.nn.init passes it by name
+        return func(*args, **kwargs)
+
+
+def build_on_meta(config: ModelConfig) -> CausalLM:
+    """The model for `config` with every tensor on the meta device: shapes only, no memory."""
+    with torch.device("meta"), SkipInitialization():
+        return model_class(config)(config)
+
+
 def load_model(
     folder: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> CausalLM:
@@ -153,36 +178,73 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = load_config(folder)
-    with torch.device("meta"):
-        model = model_class(config)(config)
+    model = build_on_meta(config)
     expected = expected_shapes(model)
-    quantized = set()
-    if dtype == torch.int8:
-        with torch.device("meta"):
-            quantized = use_int8_modules(model)
-
     files = safetensors_files(folder)
     found: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
         found.update(_tensor_shapes(path))
     check_tensors(expected, found, config.tie_word_embeddings)
 
-    if device.type == "cpu":
-        model.store_transposed()  # on the meta model: the loop below copies into each layout
-    layouts = dict(model.state_dict(keep_vars=True))
-    state = {}
-    float_dtype = torch.float32 if dtype == torch.int8 else dtype  # int8: norms and biases stay float
-    for name, path in sorted(files.items()):
-        if name in quantized:
-            weight, scale = quantize_rows(read_tensor(path, name))
-            state[name] = copy_into_layout(weight, layouts[name], device)
-            state[name.removesuffix("weight") + "scale"] = scale.to(device)
-        elif name in expected:
-            state[name] = copy_into_layout(read_tensor(path, name), layouts[name], device, float_dtype)
+    plan = None
+    if dtype in QUANTIZED_BITS:
+        with torch.device("meta"):
+            plan = use_quantized_modules(model, QUANTIZED_BITS[dtype])
+    float_dtype = torch.float32 if plan else dtype  # quantized: norms and biases stay float32
+    state = read_state(folder, files, expected, plan, float_dtype, device)
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if plan:
+        plan.tie(model)
+    else:
+        model.tie_weights()
     for module in model.modules():  # buffers computed, not loaded: rotary tables
         if isinstance(module, RotaryEmbedding):
             module.build_tables(device)
     logger.info("loaded %s (%d tensors, %s, %s)", folder, len(state), dtype, device)
     return model.eval().requires_grad_(False)
+
+
+def read_state(
+    folder: Path,
+    files: dict[str, Path],
+    expected: dict[str, tuple[int, ...]],
+    plan: QuantizationPlan | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The state dict to assign: the files' tensors as mapped (converted only where `dtype` or
+    `device` differ), and the quantized modules' codes and scales."""
+    state: dict[str, torch.Tensor] = {}
+    to_quantize = dict(plan.weights) if plan else {}
+    if plan and (folder / BLOCKS_FILE).is_file():
+        state.update(prequantized(folder / BLOCKS_FILE, to_quantize))
+    for path in sorted(set(files.values())):
+        for name, tensor in mapped_tensors(path).items():
+            if name in to_quantize:
+                state.update(to_quantize[name].quantize(tensor))
+            elif name in expected:
+                state[name] = tensor.to(device=device, dtype=dtype)  # no copy when they already match
+    return {name: tensor.to(device) for name, tensor in state.items()}
+
+
+def prequantized(path: Path, to_quantize: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The quantized tensors `path` holds (see `BLOCKS_FILE`) for the weights in `to_quantize` that
+    it covers, which are taken off `to_quantize`; the rest are left to be quantized at load time.
+
+    Its 4-bit blocks serve 8-bit modules too, unpacked (the same grid, one code a byte).
+    """
+    tensors = mapped_tensors(path)
+    state = {}
+    for name, target in list(to_quantize.items()):
+        keys = [f"{target.module}.{key}" for key in ("codes", "scale", "offset")]
+        if not all(key in tensors for key in keys):
+            continue
+        codes, scale, offset = (tensors[key] for key in keys)
+        packed = codes.shape[-1] * 2 == GROUP_SIZE
+        if target.bits == 8 and packed:
+            codes = torch.cat((codes & 15, codes >> 4), dim=-1)
+        elif (target.bits == 4) != packed:
+            continue
+        state.update(zip(keys, (codes, scale, offset)))
+        del to_quantize[name]
+    return state
