@@ -3,7 +3,7 @@
 Each ```python block of a page runs in one namespace, in order, in a scratch folder; the ```text
 block right after it must be exactly what it printed. So every number on the page comes from
 running the code. After a change, `python tests/test_docs.py` reruns the pages and rewrites their
-output blocks (and the pictures they save, next to each page in a folder of its name).
+output blocks (and the pictures that a page shows, in a folder named after it).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import io
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["look-inside.md"]
+PAGES = ["look-inside.md", "readme-look-inside.md"]  # the second is a section for README.md
 BLOCK = re.compile(r"^```(python|text)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -62,6 +63,8 @@ def update(page: str) -> None:
     path = DOCS / page
     markdown = path.read_text(encoding="utf-8")
     pictures = DOCS / Path(page).stem
+    if f"]({pictures.name}/" not in markdown:  # the page shows no picture: keep none
+        pictures = Path(tempfile.mkdtemp())
     pictures.mkdir(exist_ok=True)
     for block, printed in reversed(run_page(markdown, pictures)):
         markdown = markdown[: block.start(2)] + printed + markdown[block.end(2) :]
