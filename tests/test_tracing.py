@@ -310,3 +310,33 @@ def test_bad_prompts_and_arguments(tiny):
         traced.lens_probability("two tokens")
     with pytest.raises(InvalidParameterError, match="no point"):
         traced["model.nothing"]
+
+
+def test_a_trace_leaves_other_threads_forward_passes_alone(tiny):
+    """While a trace's hooks are registered, a forward pass in another thread (the engine's) is
+    neither changed by its interventions nor recorded into it."""
+    import threading
+
+    model, layout = tiny.llm.model, Layout.of(tiny.llm.model)
+    other_ids = torch.tensor([PROMPT_IDS[::-1]])
+    with torch.inference_mode():
+        expected_other = model(other_ids)
+    seen = {}
+
+    def zero_and_run_another_thread(x):
+        def other():
+            with torch.inference_mode():
+                seen["logits"] = model(other_ids)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        return torch.zeros_like(x)
+
+    point = layout.layer(0, layout.mlp)
+    traced = trace(tiny.llm, PROMPT_IDS, interventions={point: zero_and_run_another_thread})
+    alone = trace(tiny.llm, PROMPT_IDS, interventions={point: torch.zeros_like})
+    # Unchanged (to rounding: with the trace watching, attention is computed explicitly, not by SDPA).
+    assert (seen["logits"] - expected_other).abs().max().item() <= 1e-5
+    for name, tensor in alone.activations.items():
+        assert torch.equal(traced[name], tensor), name

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,10 +137,13 @@ def check_interventions(model: nn.Module, interventions: Mapping[str, Interventi
     return resolve_points(model, interventions)
 
 
-def replacing_hook(name: str, fn: Intervention, layout: Layout) -> Callable:
-    """A forward hook that hands the module's output to `fn` and passes on what `fn` returns."""
+def replacing_hook(name: str, fn: Intervention, layout: Layout, thread: int | None = None) -> Callable:
+    """A forward hook that hands the module's output to `fn` and passes on what `fn` returns
+    (in every thread, or only in `thread`)."""
 
-    def hook(module: nn.Module, args: tuple, output: object) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
+        if thread is not None and threading.get_ident() != thread:
+            return None  # another thread's forward pass: leave it alone
         if not isinstance(output, torch.Tensor):
             raise InvalidParameterError(f"point {name!r} does not output a single tensor; intervene elsewhere")
         result = fn(output)
@@ -156,16 +160,23 @@ def replacing_hook(name: str, fn: Intervention, layout: Layout) -> Callable:
 
 
 @contextmanager
-def intervene(model: nn.Module, interventions: Mapping[str, Intervention] | None) -> Iterator[None]:
+def intervene(
+    model: nn.Module, interventions: Mapping[str, Intervention] | None, this_thread_only: bool = False
+) -> Iterator[None]:
     """Apply `interventions` (point name -> function) to every forward pass of `model` inside the block.
 
     Names and functions are checked before anything is registered; the hooks are removed on exit,
-    whatever happens inside. While they are registered they apply to every caller of the model:
-    run other work on it elsewhere only under the engine's lock.
+    whatever happens inside. They apply to every forward pass of the model in any thread (every
+    row of a batch, too), or with `this_thread_only` to the passes that the calling thread runs.
+    A model whose decode step is compiled does not see hooks in that step: run it eagerly.
     """
     modules = check_interventions(model, interventions)
     layout = Layout.of(model)
-    handles = [module.register_forward_hook(replacing_hook(name, interventions[name], layout)) for name, module in modules.items()]
+    thread = threading.get_ident() if this_thread_only else None
+    handles = [
+        module.register_forward_hook(replacing_hook(name, interventions[name], layout, thread))
+        for name, module in modules.items()
+    ]
     try:
         yield
     finally:

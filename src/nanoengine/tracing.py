@@ -11,6 +11,7 @@ Everything recorded is kept in float32 on the CPU, whatever the model's dtype an
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,16 +193,20 @@ def recorded_points(layout: Layout) -> list[str]:
 
 @contextmanager
 def recording(model: nn.Module, layout: Layout, activations: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]):
-    """Keep a float32 CPU copy of every recorded point's output, and of the first layer's input."""
+    """Keep a float32 CPU copy of every recorded point's output, and of the first layer's input,
+    from the forward passes of the calling thread only (the engine's own passes go on beside)."""
+    thread = threading.get_ident()
 
     def keep(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            activations[name] = output.detach().float().cpu()
+            if threading.get_ident() == thread:
+                activations[name] = output.detach().float().cpu()
 
         return hook
 
     def keep_input(module: nn.Module, args: tuple) -> None:
-        inputs["embeddings"] = args[0].detach().float().cpu()
+        if threading.get_ident() == thread:
+            inputs["embeddings"] = args[0].detach().float().cpu()
 
     modules = resolve_points(model, recorded_points(layout))
     handles = [module.register_forward_hook(keep(name)) for name, module in modules.items()]
@@ -241,7 +246,7 @@ def trace(llm: Any, prompt: str | Sequence[int], interventions: Mapping[str, Int
     inputs: dict[str, torch.Tensor] = {}
     device = model.lm_head.weight.device
     # The interventions' hooks are registered first, so the recording sees what they return.
-    with intervene(model, interventions), recording(model, layout, activations, inputs), torch.inference_mode():
+    with intervene(model, interventions, this_thread_only=True), recording(model, layout, activations, inputs), torch.inference_mode():
         logits = model(torch.tensor([ids], device=device))[0].float().cpu()  # (T, V)
     tokens = [tokenizer.decode([i], False) for i in ids]
     return Trace(ids, tokens, activations, inputs["embeddings"][0], logits, layout, model, tokenizer)
