@@ -92,10 +92,11 @@ def main() -> None:
         with_points, removed = times[(name, "with hook points")], times[(name, "removed")]
         ratio = statistics.median(with_points) / statistics.median(removed)
         print(f"{name:24} with hook points {summary(with_points)}   removed {summary(removed)}   ratio {ratio:.3f}")
-    extra = (statistics.median(per_call["hook point"]) - statistics.median(per_call["plain function"])) * points_per_pass
+    hook_point, plain_function = (statistics.median(per_call[way]) for way in ("hook point", "plain function"))
+    extra = (hook_point - plain_function) * points_per_pass
     decode = statistics.median(times[("decode step (cache 256)", "removed")]) * 1000
-    print(f"one unused hook point call: {statistics.median(per_call['hook point']):.2f} us, a plain function "
-          f"{statistics.median(per_call['plain function']):.2f} us; {points_per_pass} per forward pass: "
+    print(f"one unused hook point call: {hook_point:.2f} us, a plain function {plain_function:.2f} us; "
+          f"{points_per_pass} per forward pass: "
           f"{extra:.0f} us, {100 * extra / decode:.2f}% of a decode step")
     print(f"{'traced prefill 128':24} {summary(traced)} (5 runs; records everything, explicit attention)")
 

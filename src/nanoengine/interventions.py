@@ -57,7 +57,9 @@ class Layout:
     @classmethod
     def of(cls, model: nn.Module) -> Layout:
         config = model.config
-        sizes = dict(num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, head_dim=config.head_dim)
+        sizes = dict(
+            num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, head_dim=config.head_dim
+        )
         if hasattr(model, "transformer"):  # GPT-2
             return cls("transformer.h", "attn", "mlp", "attn", "mlp", "transformer.ln_f", **sizes)
         post_norms = hasattr(model.model.layers[0], "post_feedforward_layernorm")  # Gemma 3

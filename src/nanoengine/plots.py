@@ -58,7 +58,8 @@ def plot_attention(trace: Trace, layer: int, head: int, path: str | os.PathLike 
     size = min(4 + 0.3 * len(trace.tokens), 14)
     figure = Figure(figsize=(size + 1, size), layout="constrained")
     ax = figure.add_subplot()
-    image = _heatmap(ax, weights, trace.tokens, f"layer {layer % trace.layout.num_layers}, head {head % trace.layout.num_heads}")
+    title = f"layer {layer % trace.layout.num_layers}, head {head % trace.layout.num_heads}"
+    image = _heatmap(ax, weights, trace.tokens, title)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
     figure.colorbar(image, ax=ax, label="attention probability")
@@ -79,7 +80,8 @@ def plot_attention_heads(trace: Trace, layer: int, path: str | os.PathLike | Non
         if head >= heads:
             ax.axis("off")
             continue
-        image = _heatmap(ax, trace.attention(layer, head).numpy(), trace.tokens, f"head {head}", labels=len(trace.tokens) <= 24)
+        weights = trace.attention(layer, head).numpy()
+        image = _heatmap(ax, weights, trace.tokens, f"head {head}", labels=len(trace.tokens) <= 24)
     figure.suptitle(f"Attention of layer {layer}, every head (rows: queries, columns: keys)")
     figure.colorbar(image, ax=axes, label="attention probability", shrink=0.6)
     return _save(figure, path)

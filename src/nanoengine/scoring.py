@@ -69,7 +69,9 @@ def score(llm: Any, texts: Sequence[str], batch_tokens: int = DEFAULT_BATCH_TOKE
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
     """Token ids of every text, checked before any forward pass."""
     if isinstance(texts, str) or not isinstance(texts, Sequence):
-        raise InvalidParameterError(f"texts must be a list of strings (for one text: [text]), not {type(texts).__name__}")
+        raise InvalidParameterError(
+            f"texts must be a list of strings (for one text: [text]), not {type(texts).__name__}"
+        )
     encoded = []
     for i, text in enumerate(texts):
         if not isinstance(text, str):

@@ -95,7 +95,11 @@ class Trace:
         """The tensor recorded at a point, shaped as an intervention there receives it (batch of 1)."""
         if name not in self.activations:
             resolve_points(self.model, [name])  # an unknown name gets the full explanation
-            raise InvalidParameterError(f"point {name!r} is not recorded by a trace; recorded: {self.layout.layer(0)}.*")
+            recorded = ", ".join(point for point in self.activations if point.startswith(self.layout.layer(0) + "."))
+            raise InvalidParameterError(
+                f"point {name!r} is not recorded by a trace; it records each layer's output and {recorded}, "
+                f"and {self.layout.final_norm}"
+            )
         return self.activations[name]
 
     def _stack(self, part: str) -> torch.Tensor:
@@ -246,7 +250,8 @@ def trace(llm: Any, prompt: str | Sequence[int], interventions: Mapping[str, Int
     inputs: dict[str, torch.Tensor] = {}
     device = model.lm_head.weight.device
     # The interventions' hooks are registered first, so the recording sees what they return.
-    with intervene(model, interventions, this_thread_only=True), recording(model, layout, activations, inputs), torch.inference_mode():
+    intervening = intervene(model, interventions, this_thread_only=True)
+    with intervening, recording(model, layout, activations, inputs), torch.inference_mode():
         logits = model(torch.tensor([ids], device=device))[0].float().cpu()  # (T, V)
     tokens = [tokenizer.decode([i], False) for i in ids]
     return Trace(ids, tokens, activations, inputs["embeddings"][0], logits, layout, model, tokenizer)
