@@ -110,3 +110,11 @@ def test_bad_texts_are_refused_before_any_work(smollm2):
         score(smollm2, ["word " * 9000])
     with pytest.raises(InvalidParameterError, match="batch_tokens must be a positive integer"):
         score(smollm2, ["fine"], batch_tokens=0)
+
+
+def test_a_score_shows_its_numbers(smollm2):
+    result = score(smollm2, ["Paris is the capital of France."])[0]
+    assert repr(result) == (
+        f"ScoredText('Paris is the capital of France.', {len(result.tokens)} tokens, "
+        f"logprob={result.logprob:.4f}, perplexity={result.perplexity:.4g})"
+    )

@@ -340,3 +340,12 @@ def test_a_trace_leaves_other_threads_forward_passes_alone(tiny):
     assert (seen["logits"] - expected_other).abs().max().item() <= 1e-5
     for name, tensor in alone.activations.items():
         assert torch.equal(traced[name], tensor), name
+
+
+def test_reprs_stay_short(tiny):
+    traced = trace(tiny.llm, PROMPT_IDS)
+    lens = traced.logit_lens(k=2)
+    layers = traced.layout.num_layers
+    assert repr(traced) == f"Trace({traced.tokens!r}, {layers} layers, {traced.layout.num_heads} heads)"
+    assert repr(lens) == f"LogitLens({layers} layers x {len(PROMPT_IDS)} positions, top 2; print it for the table)"
+    assert str(lens) == lens.table()

@@ -19,7 +19,7 @@ from .errors import InvalidParameterError
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass: bounds the (tokens x vocabulary) logits
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ScoredText:
     """One text's score.
 
@@ -33,6 +33,12 @@ class ScoredText:
     tokens: list[str]
     token_ids: list[int]
     token_logprobs: list[float]
+
+    def __repr__(self) -> str:
+        return (
+            f"ScoredText({self.text!r}, {len(self.tokens)} tokens, logprob={self.logprob:.4f}, "
+            f"perplexity={self.perplexity:.4g})"
+        )
 
     @property
     def logprob(self) -> float:

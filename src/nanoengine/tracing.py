@@ -35,7 +35,7 @@ def unembed(model: nn.Module, residual: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LogitLens:
     """The top-k next tokens at every layer and position, read off the residual stream.
 
@@ -47,6 +47,13 @@ class LogitLens:
     token_ids: torch.Tensor  # (layers, T, k)
     tokens: list[list[list[str]]]  # [layer][position][rank]
     probs: torch.Tensor  # (layers, T, k)
+
+    def __repr__(self) -> str:
+        layers, positions, k = self.token_ids.shape
+        return f"LogitLens({layers} layers x {positions} positions, top {k}; print it for the table)"
+
+    def __str__(self) -> str:
+        return self.table()
 
     def first_layer(self, token: str | int, position: int = -1) -> int | None:
         """The first layer from which `token` (a string or an id) stays the top prediction at
@@ -78,7 +85,7 @@ class LogitLens:
         return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-@dataclass
+@dataclass(repr=False)
 class Trace:
     """What one forward pass of a prompt computed. Shapes: T tokens, n layers, C hidden size."""
 
@@ -90,6 +97,10 @@ class Trace:
     layout: Layout = field(repr=False)
     model: nn.Module = field(repr=False)
     tokenizer: Any = field(repr=False)
+
+    def __repr__(self) -> str:
+        layout = self.layout
+        return f"Trace({self.tokens!r}, {layout.num_layers} layers, {layout.num_heads} heads)"
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor recorded at a point, shaped as an intervention there receives it (batch of 1)."""
