@@ -100,3 +100,10 @@ def test_inspect_prints_the_logit_lens_and_writes_the_plots(smollm2_folder, tmp_
 def test_inspect_refuses_a_bad_head(smollm2_folder, capsys):
     assert main(["inspect", "The capital of France is", "--head", "12"]) == 2
     assert "head 12 is out of range" in capsys.readouterr().err
+
+
+def test_inspect_without_matplotlib_says_so_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["inspect", "The capital of France is", "--png", str(tmp_path / "out.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "pip install 'nanoengine[plot]'" in captured.err

@@ -41,6 +41,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.positions < 0:
         raise InvalidParameterError(f"--positions must be >= 0, not {args.positions}")
+    if args.png is not None:
+        from .plots import figure_class
+
+        figure_class()  # matplotlib missing: say so before any work
     configure_model_options(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     llm = load(args.model)

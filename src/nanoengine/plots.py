@@ -20,7 +20,7 @@ class PlotDependencyError(NanoEngineError, ImportError):
     """matplotlib, which the plots need, is not installed."""
 
 
-def _figure_class() -> Any:
+def figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -54,7 +54,7 @@ def _heatmap(ax: Any, matrix: Any, tokens: list[str], title: str, labels: bool =
 def plot_attention(trace: Trace, layer: int, head: int, path: str | os.PathLike | None = None) -> Any:
     """One head's attention: a row per query token, a column per key token it may attend to."""
     weights = trace.attention(layer, head).numpy()  # checks layer and head
-    Figure = _figure_class()
+    Figure = figure_class()
     size = min(4 + 0.3 * len(trace.tokens), 14)
     figure = Figure(figsize=(size + 1, size), layout="constrained")
     ax = figure.add_subplot()
@@ -72,7 +72,7 @@ def plot_attention_heads(trace: Trace, layer: int, path: str | os.PathLike | Non
     heads = trace.layout.num_heads
     columns = min(heads, 4)
     rows = -(-heads // columns)
-    Figure = _figure_class()
+    Figure = figure_class()
     cell = min(2.0 + 0.25 * len(trace.tokens), 6)
     figure = Figure(figsize=(columns * cell + 1, rows * cell), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False)
@@ -94,7 +94,7 @@ def plot_logit_lens(lens: LogitLens | Trace, path: str | os.PathLike | None = No
         lens = lens.logit_lens(k=1)
     probs = lens.probs[:, :, 0].numpy()  # (layers, T)
     layers, positions = probs.shape
-    Figure = _figure_class()
+    Figure = figure_class()
     figure = Figure(figsize=(2 + 1.1 * positions, 1 + 0.32 * layers), layout="constrained")
     ax = figure.add_subplot()
     image = ax.imshow(probs, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
