@@ -15,6 +15,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference must never reach for a model hub
+# Engines compile in the background only where a test asks: elsewhere it would spend CPU (and
+# a minute) behind every long-lived engine of the suite.
+os.environ.setdefault("NANOENGINE_BACKGROUND_COMPILE", "0")
 
 from nanoengine import CausalLM, Tokenizer, fetch_model, load_model  # noqa: E402
 from nanoengine.registry import DEFAULT_MODEL  # noqa: E402

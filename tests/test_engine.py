@@ -343,3 +343,27 @@ def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
             handle.abort()
     assert grown < engine.kv_cache_bytes + 64 * 2**20
     assert wait_until(lambda: engine.active_requests == 0)
+
+
+# --- Compiled in the background --------------------------------------------------------------
+
+
+def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_output(tiny, engine_for):
+    model, tokenizer = load_model(tiny), Tokenizer.from_folder(tiny)
+    prompts = [tokenizer.encode(f"Compiled or not, request {i} reads {TEXT[: 20 + 25 * i]}") for i in range(3)]
+    eager = [solo(model, tokenizer, ids, 24) for ids in prompts]
+    engine = engine_for(model, tokenizer, max_batch_size=4, background_compile=True)
+    compiler = engine.compiler
+    compiler.after_tokens = 0  # start at the first decode step
+    deadline = time.monotonic() + 900
+    assert_same(read(engine.submit(request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
+    assert wait_until(lambda: 256 in compiler.compiled, within=900), "the background compile did not finish"
+    calls = []
+    compiled = compiler.compiled[256]
+    compiler.compiled[256] = lambda *args: calls.append(1) or compiled(*args)
+    for ids, expected in zip(prompts, eager):  # one row: the compiled step
+        assert_same(read(engine.submit(request(24), ids, deadline)), expected)
+    assert len(calls) == 3 * 23
+    handles = [engine.submit(request(24), ids, deadline) for ids in prompts]  # several rows: eager
+    for handle, expected in zip(handles, eager):
+        assert_same(read(handle), expected)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import cli_options as check
+from .chat_cli import add_chat_command, run_chat
 from .cli_inspect import add_inspect, run_inspect
 from .errors import InvalidParameterError, NanoEngineError
 from .fetch import is_checkpoint
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_complete(commands)
     add_inspect(commands)
+    add_chat_command(commands)
     add_serve(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
@@ -146,6 +148,35 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "the server answers loopback names only, against DNS rebinding; bound elsewhere, any name",
     )  # fmt: skip
     add_model_options(serve)
+    add_engine_options(serve)
+
+
+def add_engine_options(command: argparse.ArgumentParser) -> None:
+    """How each model's engine is sized (see `nanoengine.configure`); defaults from $NANOENGINE_*."""
+    from .engine import EngineSettings
+
+    defaults = EngineSettings()
+    option = command.add_argument
+    option(
+        "--max-batch-size", type=check.positive_int, metavar="N",
+        help=f"most sequences decoding together: rows of the KV cache pool, allocated once; more requests "
+        f"wait in line (default: $NANOENGINE_MAX_BATCH_SIZE, else {defaults.max_batch_size})",
+    )  # fmt: skip
+    option(
+        "--max-seq-len", type=check.positive_int, metavar="TOKENS",
+        help=f"longest prompt plus new tokens one row holds, at most the model's context "
+        f"(default: $NANOENGINE_MAX_SEQ_LEN, else {defaults.max_seq_len})",
+    )  # fmt: skip
+    option(
+        "--prefill-chunk", type=check.positive_int, metavar="TOKENS",
+        help=f"prompt tokens prefilled per step: bounds how long a new prompt delays the running streams "
+        f"(default: $NANOENGINE_PREFILL_CHUNK, else {defaults.prefill_chunk})",
+    )  # fmt: skip
+    option(
+        "--no-background-compile", dest="background_compile", action="store_false", default=None,
+        help="stay eager: do not compile the one-sequence decode step in the background once the server "
+        "has decoded a few hundred tokens (default: $NANOENGINE_BACKGROUND_COMPILE, else on)",
+    )  # fmt: skip
 
 
 def fetch_description() -> str:
@@ -159,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(message)s" if args.command == "serve" else "%(message)s"
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
-    run = {"complete": run_complete, "serve": run_serve, "fetch": run_fetch, "models": run_models, "bench": run_bench, "inspect": run_inspect}
+    run = {
+        "complete": run_complete, "chat": run_chat, "serve": run_serve, "inspect": run_inspect,
+        "fetch": run_fetch, "models": run_models, "bench": run_bench,
+    }  # fmt: skip
     try:
         return run[args.command](args)
     except InvalidParameterError as err:
@@ -181,16 +215,20 @@ def configure_model_options(args: argparse.Namespace) -> None:
 
 def run_complete(args: argparse.Namespace) -> int:
     from .completion import Completion
-    from .models import get_model
+    from .models import configure, get_model
 
     configure_model_options(args)
+    if not os.environ.get("NANOENGINE_BACKGROUND_COMPILE"):
+        configure(background_compile=False)  # a one-shot completion ends before a compile would pay off
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     check.check_completion_options(args, prompt)
     if args.chat:
         check.check_chat_template(args.model)
     loaded = get_model(args.model)  # loaded before the clock starts: the speed shown is the model's
     if args.chat:
-        prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        from .chat import chat_prompt  # the prompt that llm.chat() builds: one path for every chat surface
+
+        prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": prompt}])
     params = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
         stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -220,10 +258,20 @@ def report_speed(prompt_tokens: int | None, new_tokens: int | None, start: float
     logger.info("[%s prompt tokens, %s new tokens, %s]", prompt_tokens, new_tokens, speed)
 
 
+def configure_engine(args: argparse.Namespace) -> None:
+    from .models import configure
+
+    configure(
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+        background_compile=args.background_compile,
+    )  # fmt: skip
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, preload, serve, served_models
 
     configure_model_options(args)
+    configure_engine(args)
     settings = ServerSettings(
         models=served_models(args.models),
         api_key=args.api_key if args.api_key is not None else check.api_key_from_environment(),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiling import BackgroundCompile
 from .errors import InvalidParameterError
 from .model import CausalLM
 from .outputs import Mailbox, OutputBuilder, ReaderGone, timeout_error
@@ -41,11 +42,13 @@ EXIT_JOIN_SECONDS = 10.0  # at interpreter exit, how long to wait for a loop to 
 @dataclass(frozen=True)
 class EngineSettings:
     """How an engine is sized: concurrent sequences (rows of the KV pool), the longest sequence
-    (prompt plus new tokens) a row holds, and the prompt tokens prefilled per step."""
+    (prompt plus new tokens) a row holds, and the prompt tokens prefilled per step; and whether
+    it compiles its decode step in the background once it has served a while (`compiling.py`)."""
 
     max_batch_size: int = 16
     max_seq_len: int = 4096
     prefill_chunk: int = 256
+    background_compile: bool = True
 
 
 @dataclass(eq=False)
@@ -80,7 +83,9 @@ class Engine:
         self.max_seq_len = min(settings.max_seq_len, model.config.max_position_embeddings)
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
-        self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len)
+        compile_later = settings.background_compile and model.decode_step is None
+        self.compiler = BackgroundCompile(model, self.max_seq_len) if compile_later else None
+        self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len, self.compiler)
         self.scheduler = Scheduler(settings.max_batch_size, min(settings.prefill_chunk, self.max_seq_len), self.runner.move_row)
         self.steps = 0  # forward passes run, for tests and statistics
         self._inbox: list[Sequence] = []
@@ -146,6 +151,8 @@ class Engine:
             self._thread.join(join_seconds)
             if self._thread.is_alive():
                 logger.warning("the nanoengine loop did not stop within %.0f s", join_seconds)
+        if self.compiler is not None:
+            self.compiler.stop(join_seconds)
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ class LLM:
         prompt_ids = [self.tokenizer.encode(request.prompt) for request in requests]
         for request, ids in zip(requests, prompt_ids):
             self.engine.check_length(len(ids), request.max_new_tokens)
-        with _interventions(self.model, interventions), ExitStack() as streams:
+        with _interventions(self.engine, interventions), ExitStack() as streams:
             chunks = [streams.enter_context(CompletionStream("", *submit(r, self._loaded, ids))) for r, ids in zip(requests, prompt_ids)]
             outputs = []
             for request, stream in zip(requests, _with_progress(chunks, progress)):
@@ -150,12 +150,21 @@ def _seed_for(seed: Any, index: int) -> Any:
     return seed
 
 
-def _interventions(model: Any, interventions: dict[str, Callable] | None):
+@contextmanager
+def _interventions(engine: Engine, interventions: dict[str, Callable] | None) -> Iterator[None]:
+    """Hook the model for the block, and keep the engine on its eager step meanwhile (a compiled
+    step does not see hooks)."""
     if not interventions:
-        return nullcontext()
+        yield
+        return
     from .interventions import intervene
 
-    return intervene(model, interventions)
+    with intervene(engine.model, interventions):
+        engine.runner.eager_only += 1
+        try:
+            yield
+        finally:
+            engine.runner.eager_only -= 1
 
 
 def _with_progress(streams: list[CompletionStream], progress: bool | None) -> Iterator[CompletionStream]:

@@ -35,7 +35,9 @@ ENGINE_ENV = {  # EngineSettings field -> environment variable
     "max_batch_size": "NANOENGINE_MAX_BATCH_SIZE",
     "max_seq_len": "NANOENGINE_MAX_SEQ_LEN",
     "prefill_chunk": "NANOENGINE_PREFILL_CHUNK",
+    "background_compile": "NANOENGINE_BACKGROUND_COMPILE",
 }
+FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class _Settings:
     max_batch_size: int | None = None
     max_seq_len: int | None = None
     prefill_chunk: int | None = None
+    background_compile: bool | None = None
 
 
 _settings = _Settings()
@@ -71,6 +74,7 @@ def configure(
     max_batch_size: int | None = None,
     max_seq_len: int | None = None,
     prefill_chunk: int | None = None,
+    background_compile: bool | None = None,
 ) -> None:
     """Set how models loaded from now on are loaded; a setting left as None stays as it was.
 
@@ -82,7 +86,10 @@ def configure(
     is allocated once, so memory is bounded; more requests wait in line); `max_seq_len` is the
     longest prompt plus new tokens a row holds (at most the model's context); `prefill_chunk` is
     how many prompt tokens are prefilled per step, which bounds how long a new prompt can delay
-    the running streams' next token. Models already loaded are kept, under their own options.
+    the running streams' next token; `background_compile` (on by default) lets an engine that
+    has decoded a few hundred tokens compile its decode step in a thread of its own and switch to
+    it when ready (see `compiling.py`; `compile=True` compiles before serving instead). Models
+    already loaded are kept, under their own options.
     """
     global _settings
     if dtype is not None:
@@ -95,7 +102,9 @@ def configure(
     for name, value in sizes.items():
         if value is not None:
             _positive_int(name, value, "configure()")
-    given = dict(dtype=dtype, device=device, compile=compile, **sizes)
+    if background_compile is not None:
+        _flag("background_compile", background_compile, "configure()")
+    given = dict(dtype=dtype, device=device, compile=compile, background_compile=background_compile, **sizes)
     _settings = replace(_settings, **{name: value for name, value in given.items() if value is not None})
 
 
@@ -115,8 +124,17 @@ def engine_settings() -> EngineSettings:
     values = {}
     for field in fields(EngineSettings):
         value, source = _setting(getattr(_settings, field.name), ENGINE_ENV[field.name], field.default)
-        values[field.name] = _positive_int(field.name, value, source)
+        check = _flag if isinstance(field.default, bool) else _positive_int
+        values[field.name] = check(field.name, value, source)
     return EngineSettings(**values)
+
+
+def _flag(name: str, value: object, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in FLAGS:
+        return FLAGS[value.strip().lower()]
+    raise InvalidParameterError(f"{name} must be on or off (1/0, true/false), not {value!r} (set by {source})")
 
 
 def model_options() -> ModelOptions:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .compiling import BackgroundCompile
 from .model import CausalLM, KVCache
 from .scheduler import PrefillBatch, Sequence
 
@@ -17,8 +18,10 @@ LENGTH_BUCKET = 256
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, rows: int, max_len: int) -> None:
+    def __init__(self, model: CausalLM, rows: int, max_len: int, compiler: BackgroundCompile | None = None) -> None:
         self.model = model
+        self.compiler = compiler
+        self.eager_only = 0  # > 0 while interventions hook the model: a compiled step would skip them
         self.device = model.lm_head.weight.device
         self.cache = KVCache(model.config, rows, max_len, model.compute_dtype, self.device, zero_lazily=True)
 
@@ -32,6 +35,11 @@ class ModelRunner:
         ids = torch.tensor([[s.next_token] for s in sequences], device=self.device)  # (B, 1)
         pos = torch.tensor([[s.pos] for s in sequences], device=self.device)  # (B, 1)
         view = self.cache.view(len(sequences), self._bucket(max(s.pos for s in sequences) + 1))
+        if self.compiler is not None and not self.eager_only:
+            self.compiler.decoded += len(sequences)
+            step = self.compiler.step_for(len(sequences), view.max_len)
+            if step is not None:
+                return step(ids, pos, view, True)[:, -1]  # (B, V), the compiled step
         return self.model(ids, pos, view, last_only=True)[:, -1]  # (B, V)
 
     @torch.inference_mode()
