@@ -1,4 +1,4 @@
-"""The worked examples in docs/ run as written and print exactly what the pages show.
+"""The worked examples (docs/ and README's "Look inside") run as written and print exactly what they show.
 
 Each ```python block of a page runs in one namespace, in order, in a scratch folder; the ```text
 block right after it must be exactly what it printed. So every number on the page comes from
@@ -18,8 +18,21 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = ["look-inside.md", "readme-look-inside.md"]  # the second is a section for README.md
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = ["docs/look-inside.md", "README.md#Look inside"]  # a page, or one "## " section of one
+
+
+def read_page(page: str) -> tuple[str, str, int, int]:
+    """(the whole file, the page's text, where it starts and ends in the file)."""
+    path, _, section = page.partition("#")
+    text = (ROOT / path).read_text(encoding="utf-8")
+    if not section:
+        return text, text, 0, len(text)
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    end = len(text) if end < 0 else end + 1
+    return text, text[start:end], start, end
 BLOCK = re.compile(r"^```(python|text)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -50,7 +63,7 @@ def run_page(markdown: str, workdir: Path) -> list[tuple[re.Match, str]]:
 
 @pytest.mark.parametrize("page", PAGES)
 def test_the_page_prints_what_it_shows(page, tmp_path, smollm2_folder):
-    markdown = (DOCS / page).read_text(encoding="utf-8")
+    _, markdown, _, _ = read_page(page)
     results = run_page(markdown, tmp_path)
     assert results, f"{page} shows no output"
     for block, printed in results:
@@ -60,15 +73,15 @@ def test_the_page_prints_what_it_shows(page, tmp_path, smollm2_folder):
 
 def update(page: str) -> None:
     """Rerun a page and write what it printed into its text blocks."""
-    path = DOCS / page
-    markdown = path.read_text(encoding="utf-8")
+    whole, markdown, start, end = read_page(page)
+    path = ROOT / page.partition("#")[0]
     pictures = DOCS / Path(page).stem
     if f"]({pictures.name}/" not in markdown:  # the page shows no picture: keep none
         pictures = Path(tempfile.mkdtemp())
     pictures.mkdir(exist_ok=True)
     for block, printed in reversed(run_page(markdown, pictures)):
         markdown = markdown[: block.start(2)] + printed + markdown[block.end(2) :]
-    path.write_text(markdown, encoding="utf-8")
+    path.write_text(whole[:start] + markdown + whole[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":
