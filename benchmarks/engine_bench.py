@@ -132,6 +132,7 @@ def nanoengine_worker(mode: str, args: argparse.Namespace) -> dict:
     import torch
 
     import nanoengine
+    from nanoengine.runner import LENGTH_BUCKET
 
     # Rows for the largest level, and for 8 streams plus the newcomer of the admission test.
     nanoengine.configure(compile=mode == "compiled", max_batch_size=max(*args.streams, 9))
@@ -140,8 +141,14 @@ def nanoengine_worker(mode: str, args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - start
     tok = llm.tokenizer
     start = time.perf_counter()
-    for n in sorted(set(args.streams)):  # warm-up: every batch size once (compiles, if compiled)
+    for n in sorted(set(args.streams)):  # warm-up: every batch size once
         concurrency_level(prompts(tok, n, 16, 32), 4)
+    if mode == "compiled":  # one stream at each cache length the levels reach, then wait for the compiles
+        lengths = range(LENGTH_BUCKET, 512 + args.new_tokens + LENGTH_BUCKET, LENGTH_BUCKET)
+        for length in lengths:
+            concurrency_level(prompts(tok, 1, length - 16, length - 16), 24)
+        while not all(n in llm.engine.compiler.compiled for n in lengths):
+            time.sleep(1)
     warmup_s = time.perf_counter() - start
     result = {
         "mode": mode,

@@ -118,13 +118,19 @@ def test_unknown_model_lists_the_registered_ones(tmp_path):
         get_model("no-such-model")
 
 
-def test_compiled_model_gives_the_same_text(tiny_folder):
-    """compile=True wraps the model in torch.compile (slow to compile on CPU: ~20 s here)."""
+def test_compile_true_compiles_from_the_first_step_and_gives_the_same_text(tiny_folder):
+    """compile=True: the engine compiles its one-sequence step at once, in the background (slow
+    to compile on CPU: ~20 s here), and serves eagerly until it is ready."""
     plain = Completion.create(str(tiny_folder), "Hello there", max_new_tokens=4, temperature=0)
     configure(compile=True)
+    loaded = get_model(str(tiny_folder))
+    assert loaded.options.compile and loaded.engine.compiler.after_tokens == 0
+    first = Completion.create(str(tiny_folder), "Hello there", max_new_tokens=4, temperature=0, timeout=300)
+    end = time.monotonic() + 900
+    while 256 not in loaded.engine.compiler.compiled and time.monotonic() < end:
+        time.sleep(0.1)
     compiled = Completion.create(str(tiny_folder), "Hello there", max_new_tokens=4, temperature=0, timeout=300)
-    assert get_model(str(tiny_folder)).options.compile
-    assert compiled.output.text == plain.output.text
+    assert first.output.text == compiled.output.text == plain.output.text
 
 
 def test_engine_settings_come_from_configure_then_the_environment_then_the_defaults(monkeypatch):

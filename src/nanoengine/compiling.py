@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 COMPILE_AFTER_TOKENS = 256  # decoded tokens before the background compile starts
 RECOMPILE_LIMIT = 64  # one compiled graph per cache length bucket: more than dynamo's default 8
+EXIT_JOIN_SECONDS = 300.0  # a cold compile takes 35-40 s on 2 quiet cores, minutes on a busy machine
 
 Step = Callable[..., torch.Tensor]
 
@@ -56,10 +57,15 @@ class BackgroundCompile:
             self._start()
         return self.compiled.get(length)
 
-    def stop(self, join_seconds: float) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join(join_seconds)
+    def stop(self, join_seconds: float = EXIT_JOIN_SECONDS) -> None:
+        """Compile nothing more, and wait for a compile under way to end: a thread still inside
+        torch while the interpreter exits can abort the process, and a compile cannot be cut short."""
+        if self._thread is None:
+            return
+        self._todo.put(None)
+        if self._thread.is_alive():
+            logger.info("waiting for the background compile under way to end (at most %.0f s)", join_seconds)
+        self._thread.join(join_seconds)
 
     def _start(self) -> None:
         if self._thread is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compiling import BackgroundCompile
+from .compiling import COMPILE_AFTER_TOKENS, BackgroundCompile
 from .errors import InvalidParameterError
 from .model import CausalLM
 from .outputs import Mailbox, OutputBuilder, ReaderGone, timeout_error
@@ -78,13 +78,16 @@ class Handle:
 class Engine:
     """The loop that owns `model`; see the module's docstring."""
 
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, settings: EngineSettings) -> None:
+    def __init__(
+        self, model: CausalLM, tokenizer: Tokenizer, settings: EngineSettings, compile_now: bool = False
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len = min(settings.max_seq_len, model.config.max_position_embeddings)
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
-        compile_later = settings.background_compile and model.decode_step is None
-        self.compiler = BackgroundCompile(model, self.max_seq_len) if compile_later else None
+        self.compiler = None
+        if (settings.background_compile or compile_now) and model.decode_step is None:
+            self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
         self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len, self.compiler)
         self.scheduler = Scheduler(settings.max_batch_size, min(settings.prefill_chunk, self.max_seq_len), self.runner.move_row)
         self.steps = 0  # forward passes run, for tests and statistics
@@ -152,7 +155,7 @@ class Engine:
             if self._thread.is_alive():
                 logger.warning("the nanoengine loop did not stop within %.0f s", join_seconds)
         if self.compiler is not None:
-            self.compiler.stop(join_seconds)
+            self.compiler.stop()
 
     # --- the loop -----------------------------------------------------------------------
 

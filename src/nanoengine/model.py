@@ -395,7 +395,8 @@ class CausalLM(nn.Module):
         return torch.float32 if self.model.norm.weight.device.type == "cpu" else dtype
 
     def compile_decode_step(self) -> None:
-        """Compile the one-token step with `torch.compile` (the prompt's pass stays eager).
+        """Compile the one-sequence, one-token step with `torch.compile`, for `generate()` (the
+        prompt's pass stays eager; the engine compiles its own steps, see `compiling.py`).
 
         The step's shapes only change with the cache's length, which generation rounds up to
         buckets, so a generation compiles once per bucket (the first costs about a minute on 2
@@ -405,7 +406,7 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear):
                 # The compiled multiply-and-sum streams a row-major (out, in) weight best.
                 module.weight.data = module.weight.data.contiguous()
-        self.decode_step = torch.compile(self._forward, fullgraph=True)
+        self.decode_step = torch.compile(self._forward, fullgraph=True, dynamic=False)
 
     def forward(
         self,
@@ -426,7 +427,7 @@ class CausalLM(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)  # (T,)
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)  # (B, T)
-        if self.decode_step is not None and cache is not None and input_ids.shape[1] == 1:
+        if self.decode_step is not None and cache is not None and input_ids.shape == (1, 1):
             return self.decode_step(input_ids, input_pos, cache, last_only)
         return self._forward(input_ids, input_pos, cache, last_only)
 
