@@ -150,3 +150,42 @@ def test_weights_the_user_may_not_read_are_reported_as_such(tiny_llama_folder):
     assert done.returncode == 0, done.stderr
     assert f"{weights} cannot be read: permission denied" in done.stdout
     assert "No such file" not in done.stdout
+
+
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory mapping holds `tensor`'s data, if any (Linux)."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)  # address range, perms, offset, device, inode, [path]
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5].strip() if len(fields) == 6 else None
+    return None
+
+
+def test_float32_weights_are_the_files_memory_map_not_copies(tiny_llama_folder):
+    model = load_model(tiny_llama_folder)
+    weights = str(tiny_llama_folder / "model.safetensors")
+    assert all(mapped_file(p) == weights for p in model.parameters())
+    converted = load_model(tiny_llama_folder, dtype="bfloat16")  # a conversion has to copy
+    assert all(mapped_file(p) != weights for p in converted.parameters())
+
+
+IMPORTS = """
+import sys
+from nanoengine import load_model
+load_model({folder!r}, dtype={dtype!r})
+print(sorted(m for m in ("gguf", "torch._dynamo", "transformers") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int4"])
+def test_loading_imports_neither_the_converter_nor_the_compiler(tiny_llama_folder, dtype):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", IMPORTS.format(folder=str(tiny_llama_folder), dtype=dtype)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

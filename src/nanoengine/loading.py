@@ -23,6 +23,7 @@ from .families import load_config, model_class
 from .errors import CheckpointError, InvalidParameterError
 from .model import CausalLM, RotaryEmbedding
 from .quantize import GROUP_SIZE, QuantizationPlan, QuantizedWeight, use_quantized_modules
+from .threads import choose_threads
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def load_model(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     config = load_config(folder)
+    choose_threads()  # once per process: the CPUs other processes leave idle (threads.py)
     model = build_on_meta(config)
     expected = expected_shapes(model)
     files = safetensors_files(folder)
