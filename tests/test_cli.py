@@ -43,6 +43,8 @@ def test_complete_reads_the_prompt_from_stdin_and_streams_what_the_library_retur
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected.text + "\n"
     assert f"[{expected.num_prompt_tokens} prompt tokens, 5 new tokens" in done.stderr
+    # The prompt's pass and the decoding are timed apart: one speed over both would mix them.
+    assert re.search(r"prompt pass and first token [\d.]+ s \(\d+ tokens/s\), then decoding at [\d.]+ tokens/s", done.stderr)
 
 
 def test_python_dash_m_works_too(smollm2_folder):

@@ -233,29 +233,29 @@ def run_complete(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
         stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
-    start = time.perf_counter()
-    if args.no_stream:
-        output = Completion.create(args.model, prompt, **params).output
-        print(output.text)
-        report_speed(output.num_prompt_tokens, output.num_completion_tokens, start, None)
-        return 0
-    first = None
+    start, first, held = time.perf_counter(), None, []
     with closing(Completion.create(args.model, prompt, stream=True, **params)) as stream:
         for chunk in stream:
-            first = first or time.perf_counter()
-            sys.stdout.write(chunk.output.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+            first = first or time.perf_counter()  # the prompt's pass ends with the first token
+            if args.no_stream:
+                held.append(chunk.output.text)
+            else:
+                sys.stdout.write(chunk.output.text)
+                sys.stdout.flush()
+    sys.stdout.write("".join(held) + "\n")
     report_speed(chunk.output.num_prompt_tokens, chunk.output.num_completion_tokens, start, first)
     return 0
 
 
 def report_speed(prompt_tokens: int | None, new_tokens: int | None, start: float, first: float | None) -> None:
+    """Token counts, and the prompt's pass and the decoding timed apart (their speeds differ tenfold)."""
     end = time.perf_counter()
-    speed = f"{new_tokens / (end - start):.1f} tokens/s"
-    if first is not None:
-        speed += f", first text after {first - start:.2f} s"
-    logger.info("[%s prompt tokens, %s new tokens, %s]", prompt_tokens, new_tokens, speed)
+    line = f"[{prompt_tokens} prompt tokens, {new_tokens} new tokens"
+    if first is not None and prompt_tokens:
+        line += f"; prompt pass and first token {first - start:.2f} s ({prompt_tokens / (first - start):.0f} tokens/s)"
+        if new_tokens and new_tokens > 1 and end > first:
+            line += f", then decoding at {(new_tokens - 1) / (end - first):.1f} tokens/s"
+    logger.info("%s]", line)
 
 
 def configure_engine(args: argparse.Namespace) -> None:
