@@ -40,11 +40,6 @@ class Sequence:
     def prefilled(self) -> bool:
         return self.pos >= len(self.prompt_ids)
 
-    @property
-    def length(self) -> int:
-        """Tokens it may hold in the cache at most: the prompt plus every new token but the last."""
-        return len(self.prompt_ids) + max(self.max_new_tokens - 1, 0)
-
 
 @dataclass
 class PrefillBatch:
