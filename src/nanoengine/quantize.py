@@ -84,7 +84,11 @@ def _exact(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offse
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, packed: bool) -> torch.Tensor:
     """The float32 weights (rows..., in) of codes (rows..., G, size, or size / 2 when `packed`)."""
-    values = torch.cat((codes & 15, codes >> 4), dim=-1) if packed else codes  # (rows..., G, size)
+    if packed:  # low nibbles are values 0-15 of a group, high ones 16-31; written so that inductor fuses it
+        shifts = torch.tensor([[0], [4]], dtype=torch.uint8, device=codes.device)  # (2, 1)
+        values = ((codes.unsqueeze(-2) >> shifts) & 15).flatten(-2)  # (rows..., G, 2, size/2) -> (rows..., G, size)
+    else:
+        values = codes  # (rows..., G, size)
     weights = values.float() * scale.float()[..., None] + offset.float()[..., None]
     return weights.flatten(-2)
 
