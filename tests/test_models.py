@@ -61,7 +61,7 @@ def test_environment_variables_set_the_defaults_and_configure_wins(monkeypatch):
     "kwargs, message",
     [
         (dict(dtype="float64"), r"dtype must be one of .*, auto; not 'float64' \(set by configure\(\)\)"),
-        (dict(dtype="int4"), "dtype must be one of"),
+        (dict(dtype="int3"), "dtype must be one of"),
         (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'auto'"),
         (dict(compile="yes"), "compile must be True or False"),
     ],
