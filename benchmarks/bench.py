@@ -3,12 +3,17 @@
     python benchmarks/bench.py                 # every system, 128-token prompt, 128 new tokens, 5 runs
     python benchmarks/bench.py --quick         # a smoke run: 1 run, 16-token prompt, 8 tokens, fp32 only
     python benchmarks/bench.py --systems nanoengine-fp32,transformers-fp32 --runs 9
+    python benchmarks/bench.py --busy 1 --threads 1   # with a competing busy process (compare --threads 2)
 
 Each system lives in its own worker subprocess (so that its peak resident memory is its own) that
 loads the model once and warms up (compilation included, timed apart). The parent then asks the
 workers for one measurement each, in turn, round after round, so that a noisy neighbour slows
 every system alike; it reports the median, min and max of the rounds, each figure's ratio to
 transformers fp32, and writes JSON and a PNG chart under `benchmarks/results/`.
+
+`--busy N` keeps N other processes spinning on the CPU for the whole run, as on a shared machine:
+run it with `--threads` equal to the CPU count, then with one thread fewer, to see what
+nanoengine's default thread choice (`nanoengine/threads.py`) avoids.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import statistics
@@ -58,6 +64,8 @@ SYSTEMS = {
         System("nanoengine-fp16-compiled", "nanoengine", "float16", compile=True),
         System("nanoengine-int8", "nanoengine", "int8"),
         System("nanoengine-int8-compiled", "nanoengine", "int8", compile=True),
+        System("nanoengine-int4", "nanoengine", "int4"),
+        System("nanoengine-int4-compiled", "nanoengine", "int4", compile=True),
         System("transformers-fp32", "transformers", "float32"),
         System("transformers-bf16", "transformers", "bfloat16"),
         System("llama.cpp-q4_1", "llama.cpp", "q4_1"),
@@ -198,6 +206,7 @@ def peak_rss_mb() -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Serve the parent over stdin/stdout, one JSON line per request ("run" or "quit")."""
+    os.environ["NANOENGINE_THREADS"] = str(args.threads)  # every system the same, whatever the load
     import torch
 
     torch.set_num_threads(args.threads)
@@ -266,8 +275,10 @@ def run_benchmark(
     prompt_len: int = 128,
     new_tokens: int = 128,
     folder: str | Path | None = None,
+    busy: int = 0,
 ) -> dict:
-    """Run the benchmark and return its results (what the JSON file holds)."""
+    """Run the benchmark and return its results (what the JSON file holds); `busy` other processes
+    spin on the CPU meanwhile."""
     import torch
 
     from nanoengine import DEFAULT_MODEL, fetch_model
@@ -279,6 +290,7 @@ def run_benchmark(
         raise ValueError(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
     args = argparse.Namespace(folder=folder, threads=threads, prompt_len=prompt_len, new_tokens=new_tokens)
     workers = []
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
     try:
         for name in systems:  # one at a time: loading and compiling must not overlap either
             workers.append(Worker(name, args))
@@ -288,8 +300,9 @@ def run_benchmark(
         for w in workers:
             w.close()
     finally:
-        for w in workers:
-            w.proc.kill()
+        for process in [w.proc for w in workers] + spinners:
+            process.kill()
+            process.wait()
     weights = folder / "model.safetensors"
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -297,6 +310,7 @@ def run_benchmark(
         "weights_mb": weights.stat().st_size / 2**20 if weights.is_file() else None,
         "torch": torch.__version__,
         "threads": threads,
+        "busy_processes": busy,
         "cpu": cpu_model(),
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
@@ -358,7 +372,8 @@ def chart(results: dict, path: Path) -> Path | None:
         ax.invert_yaxis()
         ax.set_title(title)
     axes[1].set_yticklabels([])
-    fig.suptitle(f"{results['model']}, {results['cpu']}, {results['threads']} threads, torch {results['torch']}")
+    busy = f", {results['busy_processes']} busy process(es) beside" if results.get("busy_processes") else ""
+    fig.suptitle(f"{results['model']}, {results['cpu']}, {results['threads']} threads{busy}, torch {results['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -380,6 +395,7 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     p.add_argument("--threads", type=int, default=2, help="torch threads in every system (default: 2)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt length in tokens (default: 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    p.add_argument("--busy", type=int, default=0, help="other processes kept spinning on the CPU meanwhile (default: 0)")
     p.add_argument("--folder", help="checkpoint folder (default: the default model, fetched if missing)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 run, 16-token prompt, 8 tokens, fp32 only")
@@ -398,10 +414,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 0
     results = run_benchmark(
         args.systems.split(",") if args.systems else None,
-        args.runs, args.threads, args.prompt_len, args.new_tokens, args.folder,
+        args.runs, args.threads, args.prompt_len, args.new_tokens, args.folder, args.busy,
     )  # fmt: skip
     json_path, png_path = save(results, args.out)
-    print(f"{results['model']} on {results['cpu']}, {results['threads']} threads, torch {results['torch']}; "
+    busy = f", {results['busy_processes']} busy process(es) beside" if results["busy_processes"] else ""
+    print(f"{results['model']} on {results['cpu']}, {results['threads']} threads{busy}, torch {results['torch']}; "
           f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens, "
           f"median (min-max) of {results['runs']} runs, ratio to {results['baseline']} in bold")  # fmt: skip
     print(table(results))

@@ -80,8 +80,8 @@ def add_model_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--dtype",
         type=check.dtype_name,
-        help="float32, bfloat16, float16, int8 (weight-only) or auto (default: float32 on CPU, bfloat16 on CUDA); "
-        "on CPU, half and int8 weights are only faster with --compile",
+        help="float32, bfloat16, float16, int8 or int4 (weight-only, blocks of 32) or auto (default: float32 on "
+        "CPU, bfloat16 on CUDA); on CPU, half and quantized weights are only faster with --compile",
     )
     command.add_argument("--device", type=check.device_name, help="cpu, cuda or auto (default: cpu)")
     command.add_argument(
