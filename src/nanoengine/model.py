@@ -373,9 +373,7 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-            if hasattr(self.lm_head, "scale"):  # int8: the scales are shared too
-                self.lm_head.scale = self.model.embed_tokens.scale
+            self.lm_head.weight = self.model.embed_tokens.weight  # quantized heads: see QuantizationPlan.tie
 
     def store_transposed(self) -> None:
         """Keep each layer's weights (out, in) in column-major memory: same shapes, same values.

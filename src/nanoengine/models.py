@@ -78,10 +78,12 @@ def configure(
 ) -> None:
     """Set how models loaded from now on are loaded; a setting left as None stays as it was.
 
-    `dtype`: `float32`, `bfloat16`, `float16`, `int8` (weight-only, per-row scales) or `auto`
+    `dtype`: `float32`, `bfloat16`, `float16`, `int8` or `int4` (weight-only, blocks of 32 with a
+    scale and offset each, exact for weights that came from such blocks) or `auto`
     (bfloat16 on CUDA; on CPU float16 when compiled, else float32). Unset: float32 on CPU,
-    `auto` elsewhere. `device`: `cpu`, `cuda` or `auto`. `compile`: compile each model's
-    one-token decode step with `torch.compile` (start-up cost; see README "Performance").
+    `auto` elsewhere. `device`: `cpu`, `cuda` or `auto`. `compile`: compile each engine's
+    one-sequence decode steps with `torch.compile` from its first step on, in the background
+    (see `compiling.py` and README "Performance").
     The engine: `max_batch_size` sequences decode together (the rows of the KV cache pool, which
     is allocated once, so memory is bounded; more requests wait in line); `max_seq_len` is the
     longest prompt plus new tokens a row holds (at most the model's context); `prefill_chunk` is
