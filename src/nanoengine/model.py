@@ -48,10 +48,11 @@ class KVCache:
         v = new(shape, dtype=dtype, device=device)
         self._set(k, v)
         self._views: dict[tuple[int, int, int], KVCache] = {}
-        # Positions below this hold finite values. Masked-out positions must not hold NaN (it
-        # would survive the mask), so a lazily zeroed cache (the engine's pool, whose memory
-        # then grows with the lengths in use) clears each range the first time a view reaches it.
-        self.zeroed_len = 0 if zero_lazily else max_len
+        # Per row, the positions below this hold finite values. Masked-out positions must not
+        # hold NaN (it would survive the mask), so a lazily zeroed cache (the engine's pool, whose
+        # memory then grows with the lengths in use) clears a row's range the first time a view
+        # reaches it: one row at a time, so a step never stalls on clearing the whole pool.
+        self.zeroed = [0 if zero_lazily else max_len] * batch_size
 
     def _set(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = k, v
@@ -78,17 +79,18 @@ class KVCache:
         Views from row 0 (the decode steps') are kept, so a step over the same window gets the
         very same tensors each time.
         """
-        if length > self.zeroed_len:
-            self.k[:, :, :, self.zeroed_len : length].zero_()
-            self.v[:, :, :, self.zeroed_len : length].zero_()
-            self.zeroed_len = length
+        for row in range(first_row, first_row + rows):
+            if self.zeroed[row] < length:
+                self.k[:, row, :, self.zeroed[row] : length].zero_()
+                self.v[:, row, :, self.zeroed[row] : length].zero_()
+                self.zeroed[row] = length
         key = (first_row, rows, length)
         if key in self._views:
             return self._views[key]
         window = KVCache.__new__(KVCache)
         rows_slice = slice(first_row, first_row + rows)
         window._set(self.k[:, rows_slice, :, :length], self.v[:, rows_slice, :, :length])
-        window._views, window.zeroed_len = {}, length
+        window._views, window.zeroed = {}, [length] * rows
         if first_row == 0:
             self._views[key] = window
         return window
