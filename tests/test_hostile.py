@@ -26,6 +26,7 @@ import requests
 import nanoengine
 from nanoengine import InvalidParameterError
 from nanoengine.server import ServerSettings, ServerSetupError, uvicorn_server
+from conftest import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.hostile
 
@@ -55,14 +56,6 @@ def running_server(settings: ServerSettings) -> Iterator[tuple[str, int]]:
         server.should_exit = True
         thread.join(30)
 
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def connect(port: int, sending: bytes = b"") -> socket.socket:

@@ -13,6 +13,7 @@ from test_server import running_server
 
 import nanoengine
 from nanoengine.server import ServerSettings
+from conftest import wait_until  # noqa: E402
 
 MODEL = nanoengine.DEFAULT_MODEL
 PROMPT = "The capital of France is"
@@ -245,14 +246,6 @@ def test_the_readme_openai_example_runs(server_url, capsys):
     exec(compile(example, "README.md OpenAI example", "exec"), {"__name__": "__main__"})
     assert "Paris" in capsys.readouterr().out
 
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_a_stream_abandoned_mid_way_stops_every_sample(server_url, client):

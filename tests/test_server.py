@@ -28,6 +28,7 @@ from llmengine.errors import BadRequestError, NotFoundError, UnauthorizedError  
 
 import nanoengine  # noqa: E402
 from nanoengine.server import ServerSettings, ServerSetupError, served_models, uvicorn_server  # noqa: E402
+from conftest import wait_until  # noqa: E402
 
 # The client's own use of aiohttp's deprecated BasicAuth is not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:llmengine")
@@ -87,14 +88,6 @@ def engine_busy() -> bool:
 
     return get_model(MODEL).engine.active_requests > 0
 
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_create_matches_the_library(client):
