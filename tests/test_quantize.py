@@ -13,7 +13,14 @@ from test_model import REAL_PROMPTS
 from nanoengine import load_model
 from nanoengine.generation import generate
 from nanoengine.loading import BLOCKS_FILE, mapped_tensors
-from nanoengine.quantize import QuantizedEmbedding, QuantizedLinear, QuantizedTensor, dequantize, quantize
+from nanoengine.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedTensor,
+    dequantize,
+    group_size,
+    quantize,
+)
 
 
 def q4_1_weights(rows: int = 8, groups: int = 4) -> torch.Tensor:
@@ -72,6 +79,46 @@ def test_rows_that_do_not_split_into_32s_are_one_group():
     q = quantize(weights, 8)
     assert q["codes"].shape == (3, 1, 40)
     assert (dequantize(q["codes"], q["scale"], q["offset"], packed=False) - weights).abs().max() < 0.05
+
+
+def test_a_width_whose_codes_do_not_fill_words_has_no_layout():
+    assert group_size(40, 4) == 40 and group_size(40, 8) == 40  # one group: 20 and 40 bytes
+    assert group_size(36, 4) == 0 and group_size(36, 8) == 36  # 18 bytes: 4-bit codes do not fill words
+    assert group_size(6, 8) == 0
+
+
+# Rows in blocks of 8, 4 and 1 (the kernel layout's row blocks), groups of 32 and a one-group row.
+LAYOUT_SHAPES = [(16, 64), (12, 96), (3, 40)]
+
+
+def loaded(module: QuantizedTensor, weights: torch.Tensor) -> tuple[QuantizedTensor, torch.Tensor]:
+    """`module` holding `weights` quantized, and the weights its blocks stand for (file layout)."""
+    q = quantize(weights, module.bits)
+    module.load_blocks(q["codes"], q["scale"], q["offset"])
+    return module, dequantize(q["codes"], q["scale"], q["offset"], packed=module.bits == 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows, width", LAYOUT_SHAPES)
+def test_the_kernel_layout_holds_the_blocks_weights(bits, rows, width):
+    weights = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+    linear, expected = loaded(QuantizedLinear(width, rows, bits, bias=False), weights)
+    assert torch.equal(linear.dequantized(), expected)
+    ids = torch.tensor([[0, rows - 1], [rows // 2, 1]])
+    embedding, _ = loaded(QuantizedEmbedding(rows, width, bits), weights)
+    assert torch.equal(embedding(ids), expected[ids])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows, width", LAYOUT_SHAPES)
+def test_the_one_token_product_reads_the_codes_and_matches_the_weights(bits, rows, width):
+    generator = torch.Generator().manual_seed(rows)
+    linear, weights = loaded(QuantizedLinear(width, rows, bits, bias=False), torch.randn(rows, width, generator=generator))
+    x = torch.randn(2, width, generator=generator)
+    assert torch.allclose(linear.matvec(x), x @ weights.T, rtol=1e-5, atol=1e-5)
+    step = torch.compile(linear, fullgraph=True, dynamic=False)  # the path decode steps take
+    one_token = x[:1, None]  # (1, 1, in)
+    assert torch.allclose(step(one_token), one_token @ weights.T, rtol=1e-5, atol=1e-5)
 
 
 # Every family's tiny checkpoint, and Llama with a tied and an untied head.
@@ -155,3 +202,13 @@ def test_real_model_greedy_output_is_float32s(smollm2, smollm2_quantized, name):
     prompt = smollm2.tokenizer.encode(REAL_PROMPTS[name])
     expected = [t.id for t in generate(smollm2.model, prompt, 16, eos_ids=())]
     assert [t.id for t in generate(smollm2_quantized, prompt, 16, eos_ids=())] == expected
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_the_compiled_decode_step_keeps_the_quantized_models_greedy_output(tmp_path, dtype):
+    folder = save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    eager = load_model(folder, dtype=dtype)
+    expected = [step.id for step in generate(eager, [5, 17, 42], 24, eos_ids=())]
+    compiled = load_model(folder, dtype=dtype)
+    compiled.compile_decode_step()  # the one-token step through QuantizedTensor.matvec, the head included
+    assert [step.id for step in generate(compiled, [5, 17, 42], 24, eos_ids=())] == expected

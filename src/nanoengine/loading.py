@@ -194,10 +194,10 @@ def load_model(
             plan = use_quantized_modules(model, QUANTIZED_BITS[dtype])
     float_dtype = torch.float32 if plan else dtype  # quantized: norms and biases stay float32
     state = read_state(folder, files, expected, plan, float_dtype, device)
-    model.load_state_dict(state, strict=False, assign=True)
     if plan:
-        plan.tie(model)
-    else:
+        plan.load(model, state)
+    model.load_state_dict(state, strict=False, assign=True)
+    if not (plan and plan.tied):  # a head tied to a quantized embedding shares its codes instead
         model.tie_weights()
     for module in model.modules():  # buffers computed, not loaded: rotary tables
         if isinstance(module, RotaryEmbedding):

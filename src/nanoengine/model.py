@@ -375,7 +375,7 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # quantized heads: see QuantizationPlan.tie
+            self.lm_head.weight = self.model.embed_tokens.weight  # quantized heads: see QuantizationPlan.load
 
     def store_transposed(self) -> None:
         """Keep each layer's weights (out, in) in column-major memory: same shapes, same values.

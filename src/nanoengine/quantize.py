@@ -17,8 +17,11 @@ scale is exact in float32; adding the offset rounds once, as the GGUF reference 
 checkpoints get the ordinary round-to-nearest error of their format.
 
 Activations stay float. A projection dequantizes its weight and multiplies: eagerly that makes a
-float32 copy of one matrix at a time; inside `torch.compile` the one-token product and the
-dequantization fuse into a single pass over the codes (see `model.project`).
+float32 copy of one matrix at a time; inside `torch.compile` a one-token product reads the codes
+once and never builds the float32 matrix (`matvec`), 3x faster than float32's own product on CPU.
+
+That is the blocks' file layout (`quantize`, the GGUF, `model.blocks.safetensors`). Loaded, a
+module lays them out for that kernel (`QuantizedTensor.load_blocks`): see `QuantizedTensor`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ GROUP_SIZE = 32
 
 
 def group_size(in_features: int, bits: int) -> int:
-    """32 where the row divides into 32s; otherwise the whole row is one group (0: no 4-bit layout fits)."""
+    """32 where the row divides into 32s; otherwise the whole row is one group, if its codes fill
+    32-bit words (the kernel reads words); else 0: no layout fits `bits`."""
     if in_features % GROUP_SIZE == 0:
         return GROUP_SIZE
-    return in_features if bits == 8 or in_features % 2 == 0 else 0
+    return in_features if in_features % (32 // bits) == 0 else 0
 
 
 def quantize(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
@@ -83,8 +87,9 @@ def _exact(groups: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offse
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, packed: bool) -> torch.Tensor:
-    """The float32 weights (rows..., in) of codes (rows..., G, size, or size / 2 when `packed`)."""
-    if packed:  # low nibbles are values 0-15 of a group, high ones 16-31; written so that inductor fuses it
+    """The float32 weights (rows..., in) of blocks in the file layout: codes (rows..., G, size, or
+    size / 2 when `packed`), scales and offsets (rows..., G)."""
+    if packed:  # low nibbles are values 0-15 of a group, high ones 16-31
         shifts = torch.tensor([[0], [4]], dtype=torch.uint8, device=codes.device)  # (2, 1)
         values = ((codes.unsqueeze(-2) >> shifts) & 15).flatten(-2)  # (rows..., G, 2, size/2) -> (rows..., G, size)
     else:
@@ -93,26 +98,83 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, p
     return weights.flatten(-2)
 
 
+ROW_BLOCK = 8  # output rows side by side in the kernel layout: one AVX2 vector of float32
+
+
 class QuantizedTensor(nn.Module):
-    """A (rows, in) weight held as group-wise codes, scales and offsets (buffers)."""
+    """A (rows, in) weight held as group-wise codes, scales and offsets, laid out for `matvec`.
+
+    Kernel layout, for B = `ROW_BLOCK` rows side by side (fewer where rows do not divide by 8):
+    - `codes` (rows / B, G, W, B): the group's code bytes as W 32-bit words, row by row in blocks
+      of B, so that one vector load reads the same word of B rows. Word m holds bytes 4m..4m+3
+      (little-endian), byte j the values j (and, 4-bit, j + size / 2 in its high nibble). The
+      words are stored as float32 bit patterns and reinterpreted as int32 where they are used:
+      inductor's CPU code loads float vectors directly but copies integer ones through the stack.
+    - `scale`, `offset` (rows / B, G, 1, B) in float32 (exactly the blocks' float16 values):
+      float16 here makes inductor work on 16 lanes, with slow conversions.
+    """
 
     def __init__(self, rows: int, in_features: int, bits: int) -> None:
         super().__init__()
-        self.bits = bits
+        self.bits, self.rows, self.in_features = bits, rows, in_features
         size = group_size(in_features, bits)
-        groups = in_features // size
-        self.register_buffer("codes", torch.empty(rows, groups, size * bits // 8, dtype=torch.uint8))
-        self.register_buffer("scale", torch.empty(rows, groups, dtype=torch.float16))
-        self.register_buffer("offset", torch.empty(rows, groups, dtype=torch.float16))
+        block = next(b for b in (ROW_BLOCK, 4, 2, 1) if rows % b == 0)
+        groups, words = in_features // size, size * bits // 32
+        self.register_buffer("codes", torch.empty(rows // block, groups, words, block, dtype=torch.float32))
+        self.register_buffer("scale", torch.empty(rows // block, groups, 1, block))
+        self.register_buffer("offset", torch.empty(rows // block, groups, 1, block))
 
     @property
     def weight(self) -> torch.Tensor:
-        """The packed codes: what callers asking a layer's device or memory see."""
+        """The codes: what callers asking a layer's device or memory see."""
         return self.codes
 
+    def load_blocks(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> None:
+        """Take blocks in the file layout (`quantize`'s) and keep them in the kernel layout."""
+        blocks, groups, words, block = self.codes.shape
+        by_row = codes.contiguous().view(torch.int32).view(blocks, block, groups, words)  # bytes -> words
+        self.codes = by_row.permute(0, 2, 3, 1).contiguous().view(torch.float32)  # (rows/B, G, W, B)
+        self.scale, self.offset = (t.float().view(blocks, block, groups, 1).permute(0, 2, 3, 1).contiguous() for t in (scale, offset))
+
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight (rows, in). Under `torch.compile` it fuses into its consumer."""
-        return dequantize(self.codes, self.scale, self.offset, packed=self.bits == 4)
+        """The float32 weight (rows, in)."""
+        weights = self._codes(self.codes) * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)  # (rows/B, G, L, W, B)
+        blocks, groups, lanes, words, block = weights.shape
+        by_lane = weights.view(blocks, groups, lanes // 4, 4, words, block)  # lane = (h, byte b)
+        return by_lane.permute(0, 5, 1, 2, 4, 3).reshape(self.rows, self.in_features)  # k = h*size/2 + 4m + b
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 rows (..., in) of the weight at `ids` (...): an embedding lookup."""
+        block = self.codes.shape[-1]
+        words, scale, offset = (t[ids // block, :, :, ids % block] for t in (self.codes, self.scale, self.offset))
+        weights = self._codes(words.unsqueeze(-1)).squeeze(-1) * scale.unsqueeze(-1) + offset.unsqueeze(-1)  # (..., G, L, W)
+        *lead, groups, lanes, words_ = weights.shape
+        return weights.view(*lead, groups, lanes // 4, 4, words_).transpose(-1, -2).reshape(*lead, self.in_features)
+
+    def matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T for a few rows x (R, in), reading the codes once, for `torch.compile` (eagerly it
+        makes a float32 copy of the weight, as `dequantized` does)."""
+        blocks, groups, words, block = self.codes.shape
+        lanes = 32 // self.bits
+        xs = x.view(-1, 1, groups, lanes // 4, words, 4)  # (R, 1, G, h, W, b): k = h*size/2 + 4m + b
+        if self.bits == 4:  # all 8 lanes at once: inductor vectorises over the B rows
+            weights = self._codes(self.codes) * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)  # (rows/B, G, L, W, B)
+            lanes_first = xs.transpose(-1, -2).reshape(-1, 1, groups, lanes, words, 1)  # (R, 1, G, L, W, 1)
+            return (weights * lanes_first).sum((2, 3, 4)).flatten(1)  # (R, rows)
+        # 8-bit: one term per lane, each a constant shift; at once, inductor would vectorise over
+        # the 4 lanes (x is contiguous along them) instead of over the rows
+        codes, mask = self.codes.view(torch.int32), (1 << self.bits) - 1  # (rows/B, G, W, B)
+        total = 0
+        for lane in range(lanes):
+            weights = ((codes >> (8 * lane)) & mask).float() * self.scale + self.offset  # (rows/B, G, W, B)
+            total = total + (weights * xs[:, :, :, 0, :, lane, None]).sum((2, 3))  # (R, rows/B, B)
+        return total.flatten(1)  # (R, rows)
+
+    def _codes(self, words: torch.Tensor) -> torch.Tensor:
+        """The codes (..., L, W, B) as float32 of words (..., W, B): L = 32 / bits lanes per word."""
+        lanes = torch.arange(32 // self.bits, device=words.device)
+        shifts = (8 * (lanes % 4) + 4 * (lanes // 4)).to(torch.int32)[:, None, None]  # (L, 1, 1)
+        return ((words.view(torch.int32).unsqueeze(-3) >> shifts) & ((1 << self.bits) - 1)).float()
 
     def share(self, other: QuantizedTensor) -> None:
         """Use `other`'s codes and scales (a head tied to its embedding)."""
@@ -128,7 +190,10 @@ class QuantizedLinear(QuantizedTensor):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = project(x, self.dequantized())  # (..., T, out)
+        if x.shape[-2] == 1 and torch.compiler.is_compiling():
+            y = self.matvec(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = project(x, self.dequantized())  # (..., T, out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -140,7 +205,7 @@ class QuantizedEmbedding(QuantizedTensor):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.codes[ids], self.scale[ids], self.offset[ids], packed=self.bits == 4)  # (..., C)
+        return self.rows_of(ids)  # (..., C)
 
 
 @dataclass(frozen=True)
@@ -166,8 +231,12 @@ class QuantizationPlan:
     weights: dict[str, QuantizedWeight]
     tied: dict[str, str]
 
-    def tie(self, model: nn.Module) -> None:
-        """Point each tied head at its embedding's tensors (after loading, which replaces them)."""
+    def load(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Take every quantized module's blocks out of `state` (file layout), hand them to the
+        module, and point each tied head at its embedding's tensors."""
+        for target in self.weights.values():
+            module = model.get_submodule(target.module)
+            module.load_blocks(*(state.pop(f"{target.module}.{key}") for key in ("codes", "scale", "offset")))
         for head, embedding in self.tied.items():
             model.get_submodule(head).share(model.get_submodule(embedding))
 
@@ -187,6 +256,8 @@ def use_quantized_modules(model: CausalLM, bits: int) -> QuantizationPlan:
         if new is None:
             continue
         if isinstance(module, Linear) and id(module.weight) in embedding_of:
+            if f"{embedding_of[id(module.weight)]}.weight" not in weights:
+                continue  # its embedding stays float, and so does the head that shares it
             tied[name] = embedding_of[id(module.weight)]
             new = QuantizedLinear(module.in_features, module.out_features, 8, bias=module.bias is not None)
         else:
@@ -197,8 +268,11 @@ def use_quantized_modules(model: CausalLM, bits: int) -> QuantizationPlan:
 
 
 def _quantized(module: nn.Module, bits: int) -> tuple[QuantizedTensor | None, bool]:
-    """The quantized stand-in for `module` (None if it has none) and whether its weight is (in, out)."""
+    """The quantized stand-in for `module` (None if it has none, or no layout fits its width) and
+    whether its weight is (in, out)."""
     if isinstance(module, nn.Embedding):
+        if not group_size(module.embedding_dim, 8):
+            return None, False
         return QuantizedEmbedding(module.num_embeddings, module.embedding_dim), False
     if isinstance(module, Linear):
         in_features, out_features, transposed = module.in_features, module.out_features, False
@@ -208,4 +282,6 @@ def _quantized(module: nn.Module, bits: int) -> tuple[QuantizedTensor | None, bo
         return None, False
     if not group_size(in_features, bits):
         bits = 8
+    if not group_size(in_features, bits):
+        return None, False
     return QuantizedLinear(in_features, out_features, bits, bias=module.bias is not None), transposed
