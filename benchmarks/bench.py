@@ -48,7 +48,7 @@ METRICS = {  # name: (unit, higher is better)
 @dataclass(frozen=True)
 class System:
     name: str
-    backend: str  # nanoengine | transformers | llama.cpp
+    backend: str  # nanoengine (generate), engine (the serving loop), transformers, llama.cpp
     dtype: str
     compile: bool = False
 
@@ -56,6 +56,9 @@ class System:
 SYSTEMS = {
     s.name: s
     for s in (
+        # Default options in a long-running process: the engine, measured once its background
+        # compile of the one-sequence step is done (the warm-up waits for it).
+        System("nanoengine-default", "engine", "float32"),
         System("nanoengine-fp32", "nanoengine", "float32"),
         System("nanoengine-fp32-compiled", "nanoengine", "float32", compile=True),
         System("nanoengine-bf16", "nanoengine", "bfloat16"),
@@ -75,9 +78,12 @@ QUICK_SYSTEMS = ("nanoengine-fp32", BASELINE)
 
 
 def llama_cpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+    """Whether llama-cpp-python imports (a build without its dependencies does not)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure means: leave it out
+        return False
+    return True
 
 
 def default_systems() -> list[str]:
@@ -104,6 +110,24 @@ class Runner:
         getattr(self, f"_load_{system.backend.replace('.', '_')}")()
         self.load_s = time.perf_counter() - start
 
+    def _load_engine(self) -> None:
+        import nanoengine
+
+        self.llm = nanoengine.load(self.folder)
+        self.model = self.llm.model
+        self.prompt_text = self.llm.tokenizer.decode(self.prompt)
+        assert self.llm.tokenizer.encode(self.prompt_text) == self.prompt, "the prompt does not round-trip"
+
+    def warm_up(self) -> None:
+        """First-call costs and compilation; for the engine, until its background compile is in use."""
+        self.measure()
+        if self.system.backend == "engine":
+            compiled, end = self.llm.engine.compiler.compiled, time.monotonic() + 1800
+            while not compiled and time.monotonic() < end:  # compiles after 256 decoded tokens
+                self.measure()
+            assert compiled, "the background compile did not finish in 30 minutes"
+            self.measure()
+
     def _load_nanoengine(self) -> None:
         from nanoengine import load_model
 
@@ -125,15 +149,22 @@ class Runner:
 
     def measure(self) -> dict[str, float]:
         """Prefill alone, then a whole generation: time to first token and decode rate."""
-        prefill_s = getattr(self, f"_prefill_{self.system.backend.replace('.', '_')}")()
-        stamps = getattr(self, f"_generate_{self.system.backend.replace('.', '_')}")()
+        backend = self.system.backend.replace(".", "_")
+        prefill_s = getattr(self, f"_prefill_{'nanoengine' if backend == 'engine' else backend}")()
+        stamps, text = getattr(self, f"_generate_{backend}")()
         start, first, last = stamps[0], stamps[1], stamps[-1]
         return {
             "prefill_ms": prefill_s * 1e3,
             "ttft_ms": (first - start) * 1e3,
             "decode_tok_s": (len(stamps) - 2) / (last - first),
             "tokens": len(stamps) - 1,
+            "text": text,  # greedy: the same in every run
         }
+
+    def _text(self, ids: list[int]) -> str:
+        from nanoengine import Tokenizer
+
+        return Tokenizer.from_folder(self.folder).decode(ids)
 
     def _prefill_nanoengine(self) -> float:
         from nanoengine import KVCache
@@ -146,13 +177,22 @@ class Runner:
             model(ids, torch.arange(len(self.prompt)), cache, last_only=True)
             return time.perf_counter() - start
 
-    def _generate_nanoengine(self) -> list[float]:
+    def _generate_nanoengine(self) -> tuple[list[float], str]:
         from nanoengine import generate
 
-        stamps = [time.perf_counter()]
-        for _ in generate(self.model, self.prompt, self.new_tokens, eos_ids=()):
+        stamps, ids = [time.perf_counter()], []
+        for step in generate(self.model, self.prompt, self.new_tokens, eos_ids=()):
             stamps.append(time.perf_counter())
-        return stamps
+            ids.append(step.id)
+        return stamps, self._text(ids)
+
+    def _generate_engine(self) -> tuple[list[float], str]:
+        stamps, text = [time.perf_counter()], ""
+        chunks = self.llm.complete(self.prompt_text, stream=True, max_new_tokens=self.new_tokens, temperature=0, return_token_log_probs=True)
+        for chunk in chunks:  # one chunk per token (log-probs asked for)
+            stamps.append(time.perf_counter())
+            text += chunk.text
+        return stamps, text
 
     def _prefill_transformers(self) -> float:
         torch = self.torch
@@ -162,15 +202,16 @@ class Runner:
             self.model(ids, use_cache=True, logits_to_keep=1)
             return time.perf_counter() - start
 
-    def _generate_transformers(self) -> list[float]:
+    def _generate_transformers(self) -> tuple[list[float], str]:
         from transformers.generation.streamers import BaseStreamer
 
-        stamps = [time.perf_counter()]
+        stamps, generated = [time.perf_counter()], []
 
         class Stamper(BaseStreamer):
             def put(self, value) -> None:
                 if value.ndim == 1:  # the prompt comes first, as (1, T): not a token
                     stamps.append(time.perf_counter())
+                    generated.append(int(value[0]))
 
             def end(self) -> None:
                 pass
@@ -182,7 +223,7 @@ class Runner:
                 ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                 do_sample=False, pad_token_id=2, streamer=Stamper(),
             )  # fmt: skip
-        return stamps
+        return stamps, self._text(generated)
 
     def _prefill_llama_cpp(self) -> float:
         self.model.reset()
@@ -190,14 +231,15 @@ class Runner:
         self.model.eval(self.prompt)
         return time.perf_counter() - start
 
-    def _generate_llama_cpp(self) -> list[float]:
+    def _generate_llama_cpp(self) -> tuple[list[float], str]:
         self.model.reset()
-        stamps = [time.perf_counter()]
-        for i, _ in enumerate(self.model.generate(self.prompt, top_k=1, reset=True)):
+        stamps, ids = [time.perf_counter()], []
+        for token in self.model.generate(self.prompt, top_k=1, reset=True):
             stamps.append(time.perf_counter())
-            if i + 1 == self.new_tokens:
+            ids.append(token)
+            if len(ids) == self.new_tokens:
                 break
-        return stamps
+        return stamps, self._text(ids)
 
 
 def peak_rss_mb() -> float:
@@ -215,7 +257,7 @@ def worker(args: argparse.Namespace) -> None:
     base_rss = peak_rss_mb()
     runner = Runner(SYSTEMS[args.worker], Path(args.folder), args.prompt_len, args.new_tokens)
     start = time.perf_counter()
-    runner.measure()  # warm-up: first-call costs and compilation, excluded from the figures
+    runner.warm_up()  # excluded from the figures
     warmup_s = time.perf_counter() - start
     reply({"load_s": runner.load_s, "warmup_s": warmup_s, "base_rss_mb": base_rss})
     for line in sys.stdin:
@@ -259,8 +301,11 @@ class Worker:
         self.proc.wait()
 
 
-def summarise(worker: Worker) -> dict:
+def summarise(worker: Worker, baseline_text: str | None) -> dict:
     row = {"system": worker.name, **SYSTEMS[worker.name].__dict__, **worker.info}
+    texts = {run.pop("text") for run in worker.runs}
+    row["text"] = texts.pop() if len(texts) == 1 else None  # greedy: one text, else a finding
+    row["greedy_as_baseline"] = baseline_text is not None and row["text"] == baseline_text
     for metric in METRICS:
         values = [run[metric] for run in worker.runs]
         row[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
@@ -303,6 +348,8 @@ def run_benchmark(
         for process in [w.proc for w in workers] + spinners:
             process.kill()
             process.wait()
+    base = next((w for w in workers if w.name == BASELINE), None)
+    baseline_text = base.runs[0]["text"] if base else None
     weights = folder / "model.safetensors"
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -316,8 +363,25 @@ def run_benchmark(
         "new_tokens": new_tokens,
         "runs": runs,
         "baseline": BASELINE,
-        "systems": [summarise(w) for w in workers],
+        "systems": [summarise(w, baseline_text) for w in workers],
+        "cold_start_s": cold_start(folder, runs, threads) if "nanoengine-fp32" in systems else None,
     }
+
+
+def cold_start(folder: Path, runs: int, threads: int) -> dict:
+    """Seconds from starting a `nanoengine complete` process to its first token on stdout (the
+    operating system's file cache warm, as on any second run): median, min, max of `runs`."""
+    cmd = [sys.executable, "-m", "nanoengine", "complete", "--model", str(folder), "--max-new-tokens", "1", "The capital of France is"]
+    env = {**os.environ, "NANOENGINE_THREADS": str(threads)}
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        if not process.stdout.read(1):
+            raise RuntimeError(f"{' '.join(cmd)} printed nothing (exit code {process.wait()})")
+        seconds.append(time.perf_counter() - start)
+        process.wait()
+    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "runs": seconds}
 
 
 def cpu_model() -> str:
@@ -334,8 +398,8 @@ def table(results: dict) -> str:
     """Markdown: median (min-max) of each figure and its ratio to the baseline's median."""
     base = next((r for r in results["systems"] if r["system"] == results["baseline"]), None)
     lines = [
-        "| system | prefill ms | TTFT ms | decode tok/s | peak RSS MB (model) | load s | warm-up s |",
-        "|---|---|---|---|---|---|---|",
+        "| system | prefill ms | TTFT ms | decode tok/s | peak RSS MB (model) | load s | warm-up s | greedy = baseline |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["systems"]:
         cells = [r["system"]]
@@ -346,9 +410,41 @@ def table(results: dict) -> str:
                 b = base[metric]["median"]
                 cell += f" **{(m['median'] / b if higher else b / m['median']):.2f}x**"
             cells.append(cell)
-        cells += [f"{r['peak_rss_mb']:.0f} ({r['model_rss_mb']:.0f})", f"{r['load_s']:.1f}", f"{r['warmup_s']:.1f}"]
+        cells += [f"{r['peak_rss_mb']:.0f} ({r['model_rss_mb']:.0f})", f"{r['load_s']:.2f}", f"{r['warmup_s']:.1f}"]
+        cells.append("yes" if r["greedy_as_baseline"] else "no")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets, each with its figure from this run and whether it is met."""
+    rows = {r["system"]: r for r in results["systems"]}
+    lines = []
+
+    def check(name: str, figure: float, goal: float, higher: bool, unit: str = "x") -> None:
+        met = figure >= goal if higher else figure <= goal
+        lines.append(f"- {name}: {figure:.2f}{unit} ({'>=' if higher else '<='} {goal}{unit}): {'met' if met else 'NOT met'}")
+
+    def ratio(system: str, metric: str, other: str) -> float:
+        a, b = rows[system][metric]["median"], rows[other][metric]["median"]
+        return a / b if METRICS[metric][1] else b / a
+
+    if "nanoengine-default" in rows and BASELINE in rows:
+        check("default options, after the background compile: decode vs transformers fp32", ratio("nanoengine-default", "decode_tok_s", BASELINE), 2.5, True)
+    for system in ("nanoengine-int4-compiled", "nanoengine-int4"):
+        if system in rows and "llama.cpp-q4_1" in rows:
+            check(f"{system}: decode vs llama.cpp Q4_1", ratio(system, "decode_tok_s", "llama.cpp-q4_1"), 1.1, True)
+            check(f"{system}: peak RSS vs llama.cpp's", rows[system]["peak_rss_mb"] / rows["llama.cpp-q4_1"]["peak_rss_mb"], 1.5, False)
+    for system, row in rows.items():
+        if row["backend"] != "transformers" and BASELINE in rows:
+            lines.append(f"- {system}: greedy text {'=' if row['greedy_as_baseline'] else '!='} transformers fp32's")
+            if row["backend"].startswith("nanoengine") or row["backend"] == "engine":
+                check(f"{system}: prefill vs transformers fp32", ratio(system, "prefill_ms", BASELINE), 1.0, True)
+    if "nanoengine-fp32" in rows:
+        check("load of the model (nanoengine-fp32)", rows["nanoengine-fp32"]["load_s"], 0.5, False, " s")
+    if results.get("cold_start_s"):
+        check("cold process to first token (nanoengine complete)", results["cold_start_s"]["median"], 2.0, False, " s")
+    return lines
 
 
 def chart(results: dict, path: Path) -> Path | None:
@@ -367,7 +463,7 @@ def chart(results: dict, path: Path) -> Path | None:
                               (axes[1], "prefill_ms", f"prefill of {results['prompt_tokens']} tokens (ms)")):  # fmt: skip
         med = [r[metric]["median"] for r in rows]
         err = [[m - r[metric]["min"] for m, r in zip(med, rows)], [r[metric]["max"] - m for m, r in zip(med, rows)]]
-        colors = ["tab:gray" if r["backend"] != "nanoengine" else "tab:blue" for r in rows]
+        colors = ["tab:blue" if r["backend"] in ("nanoengine", "engine") else "tab:gray" for r in rows]
         ax.barh(names, med, xerr=err, color=colors)
         ax.invert_yaxis()
         ax.set_title(title)
@@ -422,6 +518,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
           f"{results['prompt_tokens']}-token prompt, {results['new_tokens']} new tokens, "
           f"median (min-max) of {results['runs']} runs, ratio to {results['baseline']} in bold")  # fmt: skip
     print(table(results))
+    print("\n".join(["", "Targets:", *targets(results)]))
     print(f"results: {json_path}" + (f", chart: {png_path}" if png_path else ""))
     if png_path is None:
         print("chart: skipped, matplotlib is not installed (pip install 'nanoengine[bench]')")
