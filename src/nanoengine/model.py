@@ -377,17 +377,6 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight  # quantized heads: see QuantizationPlan.load
 
-    def store_transposed(self) -> None:
-        """Keep each layer's weights (out, in) in column-major memory: same shapes, same values.
-
-        For one token on CPU, MKL multiplies `x @ W` over an (in, out) row-major matrix about 20%
-        faster than `F.linear` over (out, in), and a transposed view turns the one into the other.
-        """
-        for layer in self.model.layers:
-            for module in layer.modules():
-                if isinstance(module, Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
-
     @property
     def compute_dtype(self) -> torch.dtype:
         """The activations' (and KV cache's) dtype: float32 on CPU, else the weights' float dtype."""
