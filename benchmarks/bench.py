@@ -102,7 +102,8 @@ class Runner:
         from nanoengine import Tokenizer
 
         self.system, self.folder, self.new_tokens = system, folder, new_tokens
-        ids = Tokenizer.from_folder(folder).encode(PROMPT_TEXT * (1 + prompt_len // 40), add_special_tokens=False)
+        self.tokenizer = Tokenizer.from_folder(folder)  # ours for every system: texts compare alike
+        ids = self.tokenizer.encode(PROMPT_TEXT * (1 + prompt_len // 40), add_special_tokens=False)
         assert len(ids) >= prompt_len, "the benchmark prompt is too short"
         self.prompt = ids[:prompt_len]
         self.torch = torch
@@ -115,8 +116,8 @@ class Runner:
 
         self.llm = nanoengine.load(self.folder)
         self.model = self.llm.model
-        self.prompt_text = self.llm.tokenizer.decode(self.prompt)
-        assert self.llm.tokenizer.encode(self.prompt_text) == self.prompt, "the prompt does not round-trip"
+        self.prompt_text = self.tokenizer.decode(self.prompt)
+        assert self.tokenizer.encode(self.prompt_text) == self.prompt, "the prompt does not round-trip"
 
     def warm_up(self) -> None:
         """First-call costs and compilation; for the engine, until its background compile is in use."""
@@ -161,11 +162,6 @@ class Runner:
             "text": text,  # greedy: the same in every run
         }
 
-    def _text(self, ids: list[int]) -> str:
-        from nanoengine import Tokenizer
-
-        return Tokenizer.from_folder(self.folder).decode(ids)
-
     def _prefill_nanoengine(self) -> float:
         from nanoengine import KVCache
 
@@ -184,7 +180,7 @@ class Runner:
         for step in generate(self.model, self.prompt, self.new_tokens, eos_ids=()):
             stamps.append(time.perf_counter())
             ids.append(step.id)
-        return stamps, self._text(ids)
+        return stamps, self.tokenizer.decode(ids)
 
     def _generate_engine(self) -> tuple[list[float], str]:
         stamps, text = [time.perf_counter()], ""
@@ -223,7 +219,7 @@ class Runner:
                 ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                 do_sample=False, pad_token_id=2, streamer=Stamper(),
             )  # fmt: skip
-        return stamps, self._text(generated)
+        return stamps, self.tokenizer.decode(generated)
 
     def _prefill_llama_cpp(self) -> float:
         self.model.reset()
@@ -239,7 +235,7 @@ class Runner:
             ids.append(token)
             if len(ids) == self.new_tokens:
                 break
-        return stamps, self._text(ids)
+        return stamps, self.tokenizer.decode(ids)
 
 
 def peak_rss_mb() -> float:
