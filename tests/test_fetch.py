@@ -231,6 +231,25 @@ def test_the_download_reports_its_progress_in_plain_lines_off_a_terminal(local_i
     assert not any("\r" in line for line in lines)
 
 
+def test_the_progress_counts_a_folder_pip_removes_mid_walk_as_empty(tmp_path, monkeypatch):
+    """pip unpacks into temporary folders and deletes them; one listed, then gone, must not stop the count."""
+    from nanoengine.progress import DownloadProgress
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "part").write_bytes(b"x" * 1000)
+    (tmp_path / "pip-unpack-gone").mkdir()
+    (tmp_path / "pip-unpack-gone" / "part").write_bytes(b"x" * 500)
+    listed = os.scandir
+
+    def scandir_after_removal(path="."):
+        if os.path.basename(os.fspath(path)) == "pip-unpack-gone":
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_after_removal)
+    assert DownloadProgress("pkg==1.0", tmp_path)._size() == 1000
+
+
 def test_on_a_terminal_the_progress_is_a_bar_redrawn_in_place(tmp_path):
     import pty
 

@@ -9,6 +9,7 @@ On a terminal a bar is redrawn in place on stderr; otherwise a plain log line ma
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -63,12 +64,14 @@ class DownloadProgress:
             self.show(self._size())
 
     def _size(self) -> int:
+        """Bytes under the folder; pip creates and removes folders meanwhile, so vanished ones count 0."""
         size = 0
-        for path in self.folder.rglob("*"):
-            try:
-                size += path.stat().st_size if path.is_file() else 0
-            except OSError:  # moved or deleted between listing and stat
-                pass
+        for parent, _, files in os.walk(self.folder):  # unlike rglob, os.walk skips a folder gone mid-walk
+            for name in files:
+                try:
+                    size += os.stat(os.path.join(parent, name)).st_size
+                except OSError:  # moved or deleted between listing and stat
+                    pass
         return size
 
     def show(self, size: int) -> None:
