@@ -131,6 +131,23 @@ class Lines:
             pass
 
 
+@pytest.mark.parametrize("soft, hard", [(256, 256), (1024, 1024), (64, 64), (1024, resource.RLIM_INFINITY)])
+def test_connections_and_accept_batches_in_flight_fit_under_the_open_files_limit(monkeypatch, soft, hard):
+    """asyncio accepts a whole batch per loop turn before the cap sees it: the batches must fit too."""
+    from nanoengine import server_guard
+    from nanoengine.server_guard import BATCHES_IN_FLIGHT, LISTEN_BACKLOG, OWN_FILES, connection_limits
+
+    limit = {"now": (soft, hard)}
+    monkeypatch.setattr(server_guard.resource, "getrlimit", lambda kind: limit["now"])
+    monkeypatch.setattr(server_guard.resource, "setrlimit", lambda kind, value: limit.update(now=value))
+    limits = connection_limits(60.0, 1000)
+    raised = limit["now"][0]
+    assert raised == (OWN_FILES + 1000 + BATCHES_IN_FLIGHT * LISTEN_BACKLOG if hard != soft else soft)
+    assert limits.max_connections >= 1 and 1 <= limits.backlog <= LISTEN_BACKLOG
+    if raised >= 2 * OWN_FILES:  # a limit below the process's own files cannot be kept by any choice
+        assert OWN_FILES + limits.max_connections + BATCHES_IN_FLIGHT * limits.backlog <= raised
+
+
 def test_hundreds_of_stalled_connections_do_not_lock_out_a_normal_request(smollm2_folder):
     """520 clients send half a request and wait, against a server with 256 open files at most."""
 

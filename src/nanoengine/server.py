@@ -449,20 +449,21 @@ def uvicorn_server(settings: ServerSettings, host: str = DEFAULT_HOST, port: int
     try:
         import uvicorn
 
-        from .server_guard import LISTEN_BACKLOG, ConnectionLimits, connection_cap, guarded_protocol
+        from .server_guard import connection_limits, guarded_protocol
         from .server_guard import is_loopback_address, throttle_noisy_logs
     except ImportError as err:
         raise ServerSetupError("the server needs its extra: pip install 'nanoengine[server]'") from err
     loopback = is_loopback_address(host)
     if not loopback and settings.allowed_hosts == ():
         settings = replace(settings, allowed_hosts=None)  # reachable by other names by intent
-    limits = ConnectionLimits(settings.receive_timeout, connection_cap(settings.max_connections))
+    limits = connection_limits(settings.receive_timeout, settings.max_connections)
     logger.info(
-        "at most %d connections; a request must arrive within %g s", limits.max_connections, limits.receive_timeout
-    )
+        "at most %d connections, accepted %d at a time; a request must arrive within %g s",
+        limits.max_connections, limits.backlog, limits.receive_timeout,
+    )  # fmt: skip
     throttle_noisy_logs()
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-        http=guarded_protocol(limits), h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=LISTEN_BACKLOG,
+        http=guarded_protocol(limits), h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=limits.backlog,
     )  # fmt: skip
     return uvicorn.Server(config)

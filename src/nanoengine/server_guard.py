@@ -42,11 +42,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger("nanoengine.server")
 
 LOG_INTERVAL = 10.0  # seconds between two reports of closed or refused connections
-LISTEN_BACKLOG = 64  # also the most connections asyncio accepts in one go
-# Descriptors kept free below the open-files limit: the process's own (model files, pipes), one
-# accept batch (accepted before the cap is checked) and as many closed to make room for it (their
-# descriptors are released on the next loop turn).
-RESERVED_FILES = 64 + 2 * LISTEN_BACKLOG
+LISTEN_BACKLOG = 64  # also the most connections asyncio accepts in one go (lowered when files are few)
+OWN_FILES = 64  # descriptors the process keeps for itself: model files, pipes, the listening socket
+# Accept batches whose descriptors are open but not counted against the cap. asyncio accepts a batch
+# on every loop turn the listening socket is ready; a batch's connections reach `connection_made` two
+# turns later, and those they evict release their descriptors one turn after that: three batches at
+# the peak (measured: 2.7), one more as margin for a loop slowed by a busy machine.
+BATCHES_IN_FLIGHT = 4
 CLOSED_BY_SERVER = "nanoengine.closed_by_server"  # set in a request's scope state when closed here
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's h11 states while its request is incomplete
 LOOPBACK_NAMES = ("localhost",)  # and any `*.localhost` name, which browsers resolve to loopback
@@ -87,18 +89,26 @@ class ThrottledLog:
 class ConnectionLimits:
     receive_timeout: float  # seconds a client may take to send one whole request
     max_connections: int  # connections open at once
+    backlog: int = LISTEN_BACKLOG  # the listening queue, and so the most connections accepted in one go
 
 
-def connection_cap(configured: int) -> int:
-    """`configured`, lowered to stay clear of the open-files limit (raised first as far as allowed)."""
+def connection_limits(receive_timeout: float, configured: int) -> ConnectionLimits:
+    """`configured` connections, lowered (with the accept batch) to stay clear of the open-files limit.
+
+    The soft limit is raised first as far as the hard one allows. Connections, plus the accept
+    batches in flight, plus the process's own files must fit under it, or `accept()` fails.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = configured + RESERVED_FILES
+    wanted = OWN_FILES + configured + BATCHES_IN_FLIGHT * LISTEN_BACKLOG
     if soft != resource.RLIM_INFINITY and soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    return max(1, min(configured, soft - RESERVED_FILES))
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return ConnectionLimits(receive_timeout, configured)
+    budget = max(soft - OWN_FILES, 2 * BATCHES_IN_FLIGHT)
+    backlog = max(1, min(LISTEN_BACKLOG, budget // (2 * BATCHES_IN_FLIGHT)))  # half the budget at most
+    connections = max(1, min(configured, budget - BATCHES_IN_FLIGHT * backlog))
+    return ConnectionLimits(receive_timeout, connections, backlog)
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
