@@ -37,10 +37,14 @@ def timed(run, runs: int) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "ids": ids}
 
 
+def first_difference(ids: list[int], others: list[int]) -> str:
+    return next((f"no, from token {i}" for i, (a, b) in enumerate(zip(ids, others)) if a != b), "no (length)")
+
+
 def nanoengine_system(folder: Path, prompt: list[int], new_tokens: int, mode: str | None):
     model = load_model(folder, dtype="bfloat16", device="cuda")
-    if mode is not None:  # the one-token step, compiled where it is called (reduce-overhead: CUDA graphs)
-        model.decode_step = torch.compile(model._forward, mode=mode, fullgraph=True, dynamic=False)
+    if mode is not None:  # the one-token step compiled (reduce-overhead: replayed as a CUDA graph)
+        model.compile_decode_step(mode)
 
     def run():
         stamps, ids = [time.perf_counter()], []
@@ -87,6 +91,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("."))
     args = p.parse_args()
+    from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(tempfile.mkdtemp())
@@ -102,14 +107,19 @@ def main() -> int:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "prompt_tokens": args.prompt_len,
                "new_tokens": args.new_tokens, "runs": args.runs, "weights": "random, the checkpoint's shapes", "systems": {}}  # fmt: skip
     for name, make in systems.items():
+        counters.clear()
         results["systems"][name] = timed(make(), args.runs)
+        results["systems"][name]["inductor"] = dict(counters["inductor"])  # cudagraph_skips, if any
         print(name, {k: v for k, v in results["systems"][name].items() if k != "ids"}, flush=True)
     base = results["systems"]["transformers-bf16"]
     print(f"{results['device']}, torch {results['torch']}, bfloat16, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, median of {args.runs}")
-    print("| system | decode tok/s | vs transformers bf16 | greedy ids = transformers' |\n|---|---|---|---|")
+    eager = results["systems"]["nanoengine-bf16"]
+    print("| system | decode tok/s | vs transformers bf16 | ids = transformers' | = ours eager | CUDA graphs skipped |")
+    print("|---|---|---|---|---|---|")
     for name, r in results["systems"].items():
-        same = r["ids"] == base["ids"]
-        print(f"| {name} | {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {r['median'] / base['median']:.2f}x | {'yes' if same else 'no'} |")
+        same = ["yes" if r["ids"] == other["ids"] else first_difference(r["ids"], other["ids"]) for other in (base, eager)]
+        skips = r["inductor"].get("cudagraph_skips", 0)
+        print(f"| {name} | {r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {r['median'] / base['median']:.2f}x | {same[0]} | {same[1]} | {skips} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cuda-bench.json").write_text(json.dumps(results, indent=1))
     return 0

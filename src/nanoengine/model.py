@@ -60,6 +60,11 @@ class KVCache:
         # One view per layer, made once: a compiled step then writes each in place, where views
         # taken inside the step made it copy the whole cache back at every layer.
         self.k_layers, self.v_layers = k.unbind(0), v.unbind(0)  # layers x (B, nkv, L, hd)
+        if k.device.type == "cuda":
+            # Fixed addresses: a step compiled with CUDA graphs ("reduce-overhead") may then write
+            # them in place; inductor skips the graphs for an ordinary input that a step mutates.
+            for layer in (*self.k_layers, *self.v_layers):
+                torch._dynamo.mark_static_address(layer)
 
     @property
     def batch_size(self) -> int:
@@ -383,19 +388,21 @@ class CausalLM(nn.Module):
         dtype = self.model.norm.weight.dtype
         return torch.float32 if self.model.norm.weight.device.type == "cpu" else dtype
 
-    def compile_decode_step(self) -> None:
+    def compile_decode_step(self, mode: str = "default") -> None:
         """Compile the one-sequence, one-token step with `torch.compile`, for `generate()` (the
         prompt's pass stays eager; the engine compiles its own steps, see `compiling.py`).
 
         The step's shapes only change with the cache's length, which generation rounds up to
         buckets, so a generation compiles once per bucket (the first costs about a minute on 2
-        cores; inductor caches its kernels on disk for the next process).
+        cores; inductor caches its kernels on disk for the next process). On a GPU,
+        `mode="reduce-overhead"` replays the step as a CUDA graph (recorded again for each
+        generation's new cache, whose tensors are marked static: see `KVCache`).
         """
         for module in self.modules():
             if isinstance(module, Linear):
                 # The compiled multiply-and-sum streams a row-major (out, in) weight best.
                 module.weight.data = module.weight.data.contiguous()
-        self.decode_step = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self.decode_step = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
 
     def forward(
         self,
