@@ -71,7 +71,16 @@ PROMPT = "The capital of France is"
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_on_a_terminal
+    )
+
+
+def ctrl_c_as_on_a_terminal() -> None:
+    """SIGINT's default action in the child, as from a terminal: a test run started in the
+    background by a shell ignores SIGINT, its children inherit that, and Python then leaves it
+    ignored, so `complete` would never see the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Lines:
