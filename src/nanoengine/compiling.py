@@ -44,12 +44,12 @@ class BackgroundCompile:
         self._asked: set[int] = set()
         self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._failed = False
+        self.failed = False  # a compile raised: the engine stays eager
 
     def step_for(self, rows: int, length: int) -> Step | None:
         """The compiled step for a one-row decode over `length` cache positions, if built; else
         None (run eagerly), and have it built when the engine has served long enough."""
-        if rows != 1 or self._failed:
+        if rows != 1 or self.failed:
             return None
         if length not in self._asked and self.decoded >= self.after_tokens:
             self._asked.add(length)
@@ -81,7 +81,7 @@ class BackgroundCompile:
                 step = self._compile(length)
             except Exception:  # the eager step is still there: keep serving with it
                 logger.warning("compiling the decode step failed; staying eager", exc_info=True)
-                self._failed = True
+                self.failed = True
                 return
             self.seconds[length] = time.monotonic() - start
             self.compiled[length] = step
