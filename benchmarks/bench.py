@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py beside, when loaded from elsewhere
 
-from report import BASELINE, METRICS, RESULTS_DIR, cpu_model, save, table, targets  # noqa: E402
+from report import BASELINE, METRICS, RESULTS_DIR, cpu_model, save, spread, table, targets  # noqa: E402
 
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -119,10 +118,10 @@ class Runner:
         """First-call costs and compilation; for the engine, until its background compile is in use."""
         self.measure()
         if self.system.backend == "engine":
-            compiled, end = self.llm.engine.compiler.compiled, time.monotonic() + 1800
-            while not compiled and time.monotonic() < end:  # compiles after 256 decoded tokens
+            compiler, end = self.llm.engine.compiler, time.monotonic() + 1800
+            while not compiler.compiled and not compiler.failed and time.monotonic() < end:  # after 256 tokens
                 self.measure()
-            assert compiled, "the background compile did not finish in 30 minutes"
+            assert compiler.compiled, "the background compile failed or took over 30 minutes (see the log)"
             self.measure()
 
     def _load_nanoengine(self) -> None:
@@ -300,7 +299,7 @@ def summarise(worker: Worker, baseline_text: str | None) -> dict:
     row["greedy_as_baseline"] = baseline_text is not None and row["text"] == baseline_text
     for metric in METRICS:
         values = [run[metric] for run in worker.runs]
-        row[metric] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+        row[metric] = spread(values)
     row["model_rss_mb"] = row["peak_rss_mb"] - row["base_rss_mb"]
     return row
 
@@ -373,7 +372,7 @@ def cold_start(folder: Path, runs: int, threads: int) -> dict:
             raise RuntimeError(f"{' '.join(cmd)} printed nothing (exit code {process.wait()})")
         seconds.append(time.perf_counter() - start)
         process.wait()
-    return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds), "runs": seconds}
+    return spread(seconds)
 
 
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -30,16 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from nanoengine import load_model  # noqa: E402
 from nanoengine.generation import generate  # noqa: E402
+from report import spread  # noqa: E402  (benchmarks/report.py, beside this script)
 
 
 def timed(run, runs: int) -> dict:
-    """Tokens per second of `run()` -> (ids, stamps) after one warm-up: median, min, max."""
+    """Tokens per second of `run()` -> (ids, stamps) after one warm-up: median, min, max, runs."""
     ids, _ = run()  # warm-up: compilation, CUDA graph capture
     rates = []
     for _ in range(runs):
         ids, stamps = run()
         rates.append((len(stamps) - 2) / (stamps[-1] - stamps[1]))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "ids": ids}
+    return {**spread(rates), "ids": ids}
 
 
 def first_difference(ids: list[int], others: list[int]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -17,6 +18,11 @@ METRICS = {  # name: (unit, higher is better)
     "ttft_ms": ("ms", False),
     "decode_tok_s": ("tok/s", True),
 }
+
+
+def spread(values: list[float]) -> dict:
+    """A figure as the report carries it: median, min and max of the runs, and the runs."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def cpu_model() -> str:

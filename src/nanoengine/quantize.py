@@ -195,7 +195,7 @@ class QuantizedLinear(QuantizedTensor):
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool) -> None:
         super().__init__(out_features, in_features, bits)
-        self.in_features, self.out_features = in_features, out_features
+        self.out_features = out_features
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
