@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from nanoengine import load_model  # noqa: E402
-from nanoengine.generation import generate  # noqa: E402
+from nanoengine.engine.generation import generate  # noqa: E402
 from report import spread  # noqa: E402  (benchmarks/report.py, beside this script)
 
 

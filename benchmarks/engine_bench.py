@@ -132,7 +132,7 @@ def nanoengine_worker(mode: str, args: argparse.Namespace) -> dict:
     import torch
 
     import nanoengine
-    from nanoengine.runner import LENGTH_BUCKET
+    from nanoengine.engine.runner import LENGTH_BUCKET
 
     # Rows for the largest level, and for 8 streams plus the newcomer of the admission test.
     # "eager" stays eager throughout: the default background compile would start after 256 tokens

@@ -21,8 +21,8 @@ from types import SimpleNamespace
 import torch
 
 from nanoengine import KVCache, Tokenizer, fetch_model, load_model
-from nanoengine.model import HookPoint
-from nanoengine.tracing import trace
+from nanoengine.model.decoder import HookPoint
+from nanoengine.research.tracing import trace
 
 
 @contextmanager

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the reference must never reach f
 os.environ.setdefault("NANOENGINE_BACKGROUND_COMPILE", "0")
 
 from nanoengine import CausalLM, Tokenizer, fetch_model, load_model  # noqa: E402
-from nanoengine.registry import DEFAULT_MODEL  # noqa: E402
+from nanoengine.weights.registry import DEFAULT_MODEL  # noqa: E402
 
 TINY_LLAMA = dict(
     vocab_size=320,

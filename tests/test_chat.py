@@ -7,7 +7,7 @@ from test_tokenizer import CONVERSATIONS, checkpoint_with_template, transformers
 
 import nanoengine
 from nanoengine import CheckpointError, InvalidParameterError, Tokenizer
-from nanoengine.chat import chat_prompt, validate_messages
+from nanoengine.api.chat import chat_prompt, validate_messages
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

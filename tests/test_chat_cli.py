@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import nanoengine
-from nanoengine.chat_cli import QUIT_HINT
+from nanoengine.cli.chat import QUIT_HINT
 
 
 def command(*args: str) -> list[str]:

@@ -252,7 +252,7 @@ def test_models_says_which_files_of_a_checkpoint_cannot_be_read(tiny_llama_folde
 
     (tiny_llama_folder / "tokenizer.json").write_text("{}")  # enough to be listed as a checkpoint
     (tiny_llama_folder / "model.safetensors").chmod(0o000)
-    code = "import sys; from nanoengine.cli import main; sys.exit(main(['models']))"
+    code = "import sys; from nanoengine.cli.main import main; sys.exit(main(['models']))"
     done = run_bound_by_file_modes(code, env={"NANOENGINE_WEIGHTS_DIR": str(tiny_llama_folder.parent)})
     assert done.returncode == 0, done.stderr
     row = next(line for line in done.stdout.splitlines() if line.startswith("tiny-llama\t"))

@@ -33,7 +33,7 @@ from nanoengine import (
     UnknownModelError,
     generate,
 )
-from nanoengine.models import get_model
+from nanoengine.api.models import get_model
 from conftest import wait_until  # noqa: E402
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -261,7 +261,7 @@ def test_bytes_that_never_form_a_character_become_replacement_chars(tiny, monkey
     """With generation replaced by a fixed token list: tokens 230 and 249 are the bytes 0x8c and
     0x9f (continuation bytes, invalid on their own); 459 is " " plus the first two bytes of a
     three-byte character (b" \xe2\x80"), left incomplete: the space stays, the rest is dropped."""
-    from nanoengine import engine
+    from nanoengine.engine import loop as engine
 
     tokenizer = get_model(tiny).tokenizer
     fixed = [230, 6004, 249, 6004, 459]  # b"\x8c", b"hi", b"\x9f", b"hi", b" \xe2\x80"
@@ -411,7 +411,8 @@ def test_timeout_while_streaming_raises_after_the_chunks_delivered(tiny):
 
 def test_timeout_counts_the_wait_for_a_free_slot(tiny, tmp_path):
     """With every row of the pool taken, a request waits in line, and the wait counts."""
-    from nanoengine import configure, models
+    from nanoengine import configure
+    from nanoengine.api import models
 
     folder = str(shutil.copytree(tiny, tmp_path / "one-row"))
     saved = models._settings
@@ -435,7 +436,7 @@ def test_timeout_counts_the_wait_for_a_free_slot(tiny, tmp_path):
 
 def test_loading_the_model_once_is_not_counted(tiny, tmp_path, monkeypatch):
     """The clock starts once the model is loaded: a first request does not fail for the load."""
-    from nanoengine import models as engine
+    from nanoengine.api import models as engine
 
     real_load = engine.load_model
 

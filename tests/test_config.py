@@ -9,7 +9,7 @@ import pytest
 import re
 
 from nanoengine import CheckpointError, ModelConfig, Tokenizer, load_model
-from nanoengine.families import load_config
+from nanoengine.model.families import load_config
 
 BASE = dict(
     model_type="llama",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nanoengine import FetchError
-from nanoengine.convert import hf_tensor_name, unpermute_rows
+from nanoengine.weights.convert import hf_tensor_name, unpermute_rows
 
 
 def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:

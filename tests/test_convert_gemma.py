@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from nanoengine import Tokenizer
-from nanoengine.convert_gemma import hf_config, hf_tensor, hf_tensor_name, merges_from_vocabulary
-from nanoengine.registry import REGISTRY
+from nanoengine.weights.convert_gemma import hf_config, hf_tensor, hf_tensor_name, merges_from_vocabulary
+from nanoengine.weights.registry import REGISTRY
 
 GGUF_FILE = REGISTRY["gemma-3-270m"].source.gguf_file
 

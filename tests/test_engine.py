@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
-from nanoengine.engine import Engine, EngineSettings
-from nanoengine.models import get_model
-from nanoengine.validation import validate_request
+from nanoengine.engine.loop import Engine, EngineSettings
+from nanoengine.api.models import get_model
+from nanoengine.api.validation import validate_request
 from conftest import wait_until  # noqa: E402
 
 TEXT = (

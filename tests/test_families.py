@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoengine import load_model
-from nanoengine.generation import generate
+from nanoengine.engine.generation import generate
 
 COMMON = dict(
     vocab_size=300,

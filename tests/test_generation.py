@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoengine import InvalidParameterError, SamplingParams, generate, load_model
-from nanoengine.generation import cache_length
+from nanoengine.engine.generation import cache_length
 
 
 @pytest.fixture(scope="module")

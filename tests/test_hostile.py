@@ -25,7 +25,7 @@ import requests
 
 import nanoengine
 from nanoengine import InvalidParameterError
-from nanoengine.server import ServerSettings, ServerSetupError, uvicorn_server
+from nanoengine.server.app import ServerSettings, ServerSetupError, uvicorn_server
 from conftest import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.hostile
@@ -134,8 +134,8 @@ class Lines:
 @pytest.mark.parametrize("soft, hard", [(256, 256), (1024, 1024), (64, 64), (1024, resource.RLIM_INFINITY)])
 def test_connections_and_accept_batches_in_flight_fit_under_the_open_files_limit(monkeypatch, soft, hard):
     """asyncio accepts a whole batch per loop turn before the cap sees it: the batches must fit too."""
-    from nanoengine import server_guard
-    from nanoengine.server_guard import BATCHES_IN_FLIGHT, LISTEN_BACKLOG, OWN_FILES, connection_limits
+    from nanoengine.server import guard as server_guard
+    from nanoengine.server.guard import BATCHES_IN_FLIGHT, LISTEN_BACKLOG, OWN_FILES, connection_limits
 
     limit = {"now": (soft, hard)}
     monkeypatch.setattr(server_guard.resource, "getrlimit", lambda kind: limit["now"])

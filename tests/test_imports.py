@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-LOADED_ONLY_WHEN_USED = ("gguf", "nanoengine.convert", "nanoengine.convert_gemma", "nanoengine.convert_common",
+LOADED_ONLY_WHEN_USED = ("gguf", "nanoengine.weights.convert", "nanoengine.weights.convert_gemma", "nanoengine.weights.convert_common",
                          "fastapi", "uvicorn", "jinja2", "transformers", "matplotlib")  # fmt: skip
 
 

@@ -9,7 +9,7 @@ import torch
 
 import nanoengine
 from nanoengine import Completion, InvalidParameterError, SamplingParams, generate
-from nanoengine.interventions import intervene
+from nanoengine.research.interventions import intervene
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
 
@@ -26,7 +26,7 @@ def tiny(tmp_path_factory, smollm2_folder) -> str:
 def test_the_handle_is_the_model_that_completion_serves(smollm2_folder):
     llm = nanoengine.load("smollm2-135m-instruct")
     assert llm.model is nanoengine.load(smollm2_folder).model
-    from nanoengine.models import get_model
+    from nanoengine.api.models import get_model
 
     assert llm.engine is get_model(str(smollm2_folder)).engine
     assert llm.tokenizer.encode("Paris") == get_model(str(smollm2_folder)).tokenizer.encode("Paris")

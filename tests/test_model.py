@@ -8,7 +8,7 @@ import torch
 from conftest import save_tiny_llama
 
 from nanoengine import KVCache, load_model
-from nanoengine.generation import generate
+from nanoengine.engine.generation import generate
 
 TINY_VARIANTS = {
     "gqa-untied": dict(),

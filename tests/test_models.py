@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from nanoengine import Completion, InvalidParameterError, UnknownModelError, configure
-from nanoengine import models as engine
-from nanoengine.engine import EngineSettings
-from nanoengine.models import engine_settings, get_model, model_options
-from nanoengine.loading import resolve_dtype
+from nanoengine.api import models as engine
+from nanoengine.engine.loop import EngineSettings
+from nanoengine.api.models import engine_settings, get_model, model_options
+from nanoengine.weights.loading import resolve_dtype
 
 
 @pytest.fixture(autouse=True)

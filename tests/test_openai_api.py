@@ -12,7 +12,7 @@ import requests
 from test_server import running_server
 
 import nanoengine
-from nanoengine.server import ServerSettings
+from nanoengine.server.app import ServerSettings
 from conftest import wait_until  # noqa: E402
 
 MODEL = nanoengine.DEFAULT_MODEL
@@ -249,7 +249,7 @@ def test_the_readme_openai_example_runs(server_url, capsys):
 
 
 def test_a_stream_abandoned_mid_way_stops_every_sample(server_url, client):
-    from nanoengine.models import get_model
+    from nanoengine.api.models import get_model
 
     engine = get_model(MODEL).engine
     stream = client.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=2000, temperature=0,

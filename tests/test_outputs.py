@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from nanoengine.outputs import Mailbox, ReaderGone
-from nanoengine.types import CompletionStreamOutput, TokenOutput
+from nanoengine.api.outputs import Mailbox, ReaderGone
+from nanoengine.api.types import CompletionStreamOutput, TokenOutput
 
 
 def chunk(text: str, count: int, finished: bool = False, token: TokenOutput | None = None) -> CompletionStreamOutput:

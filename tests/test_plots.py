@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from nanoengine import InvalidParameterError
-from nanoengine.cli import main
-from nanoengine.plots import PlotDependencyError, plot_attention, plot_attention_heads, plot_logit_lens
-from nanoengine.tracing import trace
+from nanoengine.cli.main import main
+from nanoengine.research.plots import PlotDependencyError, plot_attention, plot_attention_heads, plot_logit_lens
+from nanoengine.research.tracing import trace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,9 +11,9 @@ from test_families import FAMILIES
 from test_model import REAL_PROMPTS
 
 from nanoengine import load_model
-from nanoengine.generation import generate
-from nanoengine.loading import BLOCKS_FILE, mapped_tensors
-from nanoengine.quantize import (
+from nanoengine.engine.generation import generate
+from nanoengine.weights.loading import BLOCKS_FILE, mapped_tensors
+from nanoengine.weights.quantize import (
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedTensor,

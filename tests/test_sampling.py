@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanoengine import InvalidParameterError, SamplingParams
-from nanoengine.sampling import Sampler
+from nanoengine.engine.sampling import Sampler
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.9])
 
@@ -100,7 +100,7 @@ def test_a_top_p_that_masks_everything_keeps_the_most_likely_token(top_p):
 def test_rows_of_one_batch_each_use_their_own_parameters_and_generator():
     """Greedy and sampled rows, filtered or not, share a batch; each row's tokens are what it
     would draw alone."""
-    from nanoengine.sampling import sample
+    from nanoengine.engine.sampling import sample
 
     params = [
         SamplingParams(temperature=0.0),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from nanoengine.scheduler import Scheduler, Sequence
+from nanoengine.engine.scheduler import Scheduler, Sequence
 
 
 def seq(prompt_len: int, max_new_tokens: int = 10) -> Sequence:

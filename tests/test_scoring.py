@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoengine import InvalidParameterError
-from nanoengine.scoring import length_batches, score
+from nanoengine.research.scoring import length_batches, score
 from test_tracing import tiny  # noqa: F401  (the family checkpoints, shared fixture)
 
 PARAGRAPH = (

@@ -27,7 +27,7 @@ import llmengine  # noqa: E402
 from llmengine.errors import BadRequestError, NotFoundError, UnauthorizedError  # noqa: E402
 
 import nanoengine  # noqa: E402
-from nanoengine.server import ServerSettings, ServerSetupError, served_models, uvicorn_server  # noqa: E402
+from nanoengine.server.app import ServerSettings, ServerSetupError, served_models, uvicorn_server  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
 # The client's own use of aiohttp's deprecated BasicAuth is not ours to fix.
@@ -84,7 +84,7 @@ def library_greedy(prompt: str, max_new_tokens: int) -> nanoengine.CompletionSyn
 
 def engine_busy() -> bool:
     """Whether the served model's engine still holds a request (running or waiting)."""
-    from nanoengine.models import get_model
+    from nanoengine.api.models import get_model
 
     return get_model(MODEL).engine.active_requests > 0
 
@@ -261,7 +261,8 @@ def test_a_flood_of_huge_requests_waits_its_turn_and_the_server_keeps_answering(
     """12 streams asking 1,000 tokens each of a server sized for 2 sequences: 2 decode, 10 wait
     in line (the KV pool is allocated once, so memory stays bounded), /healthz answers meanwhile,
     and once the flood's clients leave, a normal request is served."""
-    from nanoengine import configure, models
+    from nanoengine import configure
+    from nanoengine.api import models
 
     saved = models._settings
     configure(max_batch_size=2, max_seq_len=1024)

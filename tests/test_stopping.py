@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nanoengine.stopping import StopChecker
+from nanoengine.api.stopping import StopChecker
 
 
 def feed_all(checker: StopChecker, pieces: list[str]) -> list[str]:

@@ -15,10 +15,10 @@ from conftest import save_tiny_llama
 from test_families import FAMILIES, byte_level_tokenizer_json
 
 from nanoengine import InvalidParameterError, Tokenizer, load_model
-from nanoengine.generation import generate
-from nanoengine.interventions import Layout, ablate_heads, intervene
-from nanoengine.model import HookPoint
-from nanoengine.tracing import trace
+from nanoengine.engine.generation import generate
+from nanoengine.research.interventions import Layout, ablate_heads, intervene
+from nanoengine.model.decoder import HookPoint
+from nanoengine.research.tracing import trace
 
 PROMPT_IDS = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(7)).tolist()  # > 16-token windows
 REAL_PROMPT = "The Eiffel Tower is in Paris. The capital of France is Paris, and the capital of Italy is"

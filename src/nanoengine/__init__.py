@@ -1,8 +1,8 @@
 """nanoengine: a small, readable, pure-PyTorch runtime for small language models."""
 
-from .completion import AsyncCompletionStream, Completion
-from .config import ModelConfig
-from .models import configure
+from .api.completion import AsyncCompletionStream, Completion
+from .model.config import ModelConfig
+from .api.models import configure
 from .errors import (
     CheckpointError,
     FetchError,
@@ -11,14 +11,14 @@ from .errors import (
     RequestTimeoutError,
     UnknownModelError,
 )
-from .generation import GeneratedToken, generate
-from .llm import LLM, load
-from .loading import load_model
-from .model import CausalLM, KVCache
-from .registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
-from .sampling import SamplingParams
-from .tokenizer import IncrementalDetokenizer, Tokenizer
-from .types import (
+from .engine.generation import GeneratedToken, generate
+from .api.llm import LLM, load
+from .weights.loading import load_model
+from .model.decoder import CausalLM, KVCache
+from .weights.registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
+from .engine.sampling import SamplingParams
+from .model.tokenizer import IncrementalDetokenizer, Tokenizer
+from .api.types import (
     CompletionOutput,
     CompletionStreamOutput,
     CompletionStreamResponse,

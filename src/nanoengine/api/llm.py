@@ -1,0 +1,187 @@
+"""`nanoengine.load()`: one handle on a loaded model, for research, teaching and batch work.
+
+The handle is shared with `Completion` (the same per-process cache): `llm.model` is the torch
+module, `llm.tokenizer` the checkpoint's tokenizer, and the methods run on the model's engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from .completion import Completion, CompletionStream, collect, submit
+from ..engine.loop import Engine
+from ..errors import InvalidParameterError
+from .models import LoadedModel, get_model
+from .types import CompletionOutput, CompletionStreamOutput
+from .validation import MAX_SEED, CompletionRequest, validate_request
+
+logger = logging.getLogger(__name__)
+
+NO_TIMEOUT = 10**9  # seconds: the handle's calls run until done unless given a timeout
+# Completion.create's keyword parameters and their defaults: what `**sampling` may hold.
+SAMPLING_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(Completion.create).parameters.items()
+    if name not in ("cls", "model_name", "model", "prompt", "stream")
+}
+SAMPLING_DEFAULTS["timeout"] = NO_TIMEOUT
+
+
+class LLM:
+    """A loaded model and what can be done with it (see `../shared/API.md`)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self._loaded = loaded
+
+    @property
+    def folder(self) -> Path:
+        return self._loaded.folder
+
+    @property
+    def model(self):
+        """The torch module (`CausalLM` or a family's subclass), for experiments."""
+        return self._loaded.model
+
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    @property
+    def engine(self) -> Engine:
+        """The loop that runs this model's requests (shared with `Completion`)."""
+        return self._loaded.engine
+
+    def complete(
+        self, prompt: str, stream: bool = False, **sampling: Any
+    ) -> CompletionOutput | Iterator[CompletionStreamOutput]:
+        """One completion of `prompt`; `sampling` takes `Completion.create`'s parameters (the
+        timeout defaults to none)."""
+        request = self._request(prompt, sampling)
+        chunks = CompletionStream("", *submit(request, self._loaded, self.tokenizer.encode(request.prompt)))
+        if stream:
+            return (response.output for response in chunks)
+        with chunks:
+            return collect(request, (response.output for response in chunks))
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        interventions: dict[str, Callable] | None = None,
+        progress: bool | None = None,
+        **sampling: Any,
+    ) -> list[CompletionOutput]:
+        """Complete every prompt, all submitted at once so that the engine runs them as batches;
+        the outputs come back in the order of the prompts.
+
+        `sampling` takes `Completion.create`'s parameters (the timeout, for the whole call,
+        defaults to none). With a `seed`, prompt i is sampled with seed + i, so that each prompt
+        has its own reproducible stream. Every parameter and prompt is checked before any work.
+        `interventions` (see `tracing.intervene`) apply to every forward pass while the call runs:
+        to every request the model serves meanwhile, too. `progress` shows a bar on long batches
+        (default: 16 prompts or more, on a terminal).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seed = sampling.pop("seed", None)
+        requests = [
+            self._request(prompt, {**sampling, "seed": None if seed is None else _seed_for(seed, i)})
+            for i, prompt in enumerate(prompts)
+        ]
+        prompt_ids = [self.tokenizer.encode(request.prompt) for request in requests]
+        for request, ids in zip(requests, prompt_ids):
+            self.engine.check_length(len(ids), request.max_new_tokens)
+        with _interventions(self.engine, interventions), ExitStack() as streams:
+            chunks = [streams.enter_context(CompletionStream("", *submit(r, self._loaded, ids))) for r, ids in zip(requests, prompt_ids)]
+            outputs = []
+            for request, stream in zip(requests, _with_progress(chunks, progress)):
+                outputs.append(collect(request, (response.output for response in stream)))
+        return outputs
+
+    def _request(self, prompt: str, sampling: dict[str, Any]) -> CompletionRequest:
+        unknown = set(sampling) - set(SAMPLING_DEFAULTS)
+        if unknown:
+            raise InvalidParameterError(
+                f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(SAMPLING_DEFAULTS)}"
+            )
+        params = {**SAMPLING_DEFAULTS, **sampling}
+        return validate_request(model_name=self.folder, model=None, prompt=prompt, stream=False, **params)
+
+    def chat(
+        self, messages: list[dict[str, str]], stream: bool = False, **sampling: Any
+    ) -> CompletionOutput | Iterator[CompletionStreamOutput]:
+        """The assistant's answer to `messages` (`{"role", "content"}` dicts), via the checkpoint's chat template."""
+        from .chat import chat
+
+        return chat(self, messages, stream=stream, **sampling)
+
+    def trace(self, prompt: str | list[int], interventions: dict[str, Any] | None = None):
+        """One forward pass with every activation kept: hidden states, attentions, logits, logit lens."""
+        from ..research.tracing import trace
+
+        return trace(self, prompt, interventions)
+
+    def score(self, texts: list[str]):
+        """Per text: its tokens, each token's log-probability given those before it, sum, perplexity."""
+        from ..research.scoring import score
+
+        return score(self, texts)
+
+    def __repr__(self) -> str:
+        return f"LLM({str(self.folder)!r})"
+
+
+def load(name_or_path: str | os.PathLike) -> LLM:
+    """The handle on a registered model or checkpoint folder, loading (and fetching) it on first use."""
+    return LLM(get_model(name_or_path))
+
+
+def _seed_for(seed: Any, index: int) -> Any:
+    """Prompt `index`'s seed: `seed + index`, wrapping within the seeds torch takes; a bad seed is
+    left as it is for the validation to name."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
+        return (seed + index) % (MAX_SEED + 1)
+    return seed
+
+
+@contextmanager
+def _interventions(engine: Engine, interventions: dict[str, Callable] | None) -> Iterator[None]:
+    """Hook the model for the block, and keep the engine on its eager step meanwhile (a compiled
+    step does not see hooks)."""
+    if not interventions:
+        yield
+        return
+    from ..research.interventions import intervene
+
+    with intervene(engine.model, interventions):
+        engine.runner.eager_only += 1
+        try:
+            yield
+        finally:
+            engine.runner.eager_only -= 1
+
+
+def _with_progress(streams: list[CompletionStream], progress: bool | None) -> Iterator[CompletionStream]:
+    """The streams, read in order, with a progress bar (tqdm, when installed) or log lines."""
+    show = progress if progress is not None else len(streams) >= 16 and sys.stderr.isatty()
+    if not show:
+        yield from streams
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(streams, desc="generate", unit="prompt")
+        return
+    step = max(len(streams) // 10, 1)
+    for done, stream in enumerate(streams, 1):
+        yield stream
+        if done % step == 0 or done == len(streams):
+            logger.info("generate: %d of %d prompts done", done, len(streams))

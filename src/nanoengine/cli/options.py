@@ -1,0 +1,122 @@
+"""Checks of the `nanoengine` command's options, all made before any model is fetched or loaded.
+
+Most are argparse `type=` functions, so that a bad value is a one-line usage error naming the
+option (exit code 2), as argparse reports its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any
+
+from ..errors import InvalidParameterError
+
+API_KEY_ENV = "NANOENGINE_API_KEY"
+
+
+def nanoengine_version() -> str:
+    try:
+        return package_version("nanoengine")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def port_number(text: str) -> int:
+    port = _integer(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (0 picks a free one), not {text}")
+    return port
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, not {text}")
+    return value
+
+
+def api_key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave the option out to serve without a key)")
+    return text
+
+
+def dtype_name(text: str) -> str:
+    from ..weights.loading import resolve_dtype
+
+    try:
+        resolve_dtype(text)
+    except InvalidParameterError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("dtype ")) from None
+    return text
+
+
+def device_name(text: str) -> str:
+    from ..weights.loading import resolve_device
+
+    try:
+        resolve_device(text)
+    except InvalidParameterError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("device ")) from None
+    return text
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, not {text!r}") from None
+
+
+def api_key_from_environment() -> str | None:
+    """`$NANOENGINE_API_KEY`; set but empty is an error, not "no key"."""
+    if API_KEY_ENV not in os.environ:
+        return None
+    if not os.environ[API_KEY_ENV].strip():
+        raise InvalidParameterError(f"${API_KEY_ENV} is set but empty: unset it to serve without a key")
+    return os.environ[API_KEY_ENV]
+
+
+def check_completion_options(args: argparse.Namespace, prompt: str) -> None:
+    """`complete`'s sampling options and prompt, checked as `Completion.create` checks them, named as options."""
+    from ..api.validation import validate_request
+
+    params: dict[str, Any] = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
+        stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    try:
+        validate_request(
+            model_name=args.model, model=None, prompt=prompt, stream=True, return_token_log_probs=False,
+            presence_penalty=None, frequency_penalty=None, include_stop_str_in_output=None,
+            skip_special_tokens=None, **params,
+        )  # fmt: skip
+    except InvalidParameterError as err:
+        message = str(err)
+        for name in params:
+            flag = "--stop" if name == "stop_sequences" else "--" + name.replace("_", "-")
+            message = message.replace(name, flag, 1) if message.startswith(name) else message
+        raise InvalidParameterError(message) from None
+
+
+def check_chat_template(model: str) -> None:
+    """`--chat` needs a chat template: look for it in the checkpoint's files, before loading the weights."""
+    from ..weights.registry import resolve_model
+    from ..model.tokenizer import Tokenizer
+
+    if Tokenizer.from_folder(resolve_model(model)).chat_template is None:
+        raise InvalidParameterError(f"--chat: {model} has no chat template; leave --chat out to complete raw text")

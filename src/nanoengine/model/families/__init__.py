@@ -1,0 +1,47 @@
+"""Model families: what each `config.json` `model_type` is built from.
+
+The Llama family is `model.py` itself. Every other family is a small module of its own that
+subclasses the Llama pieces and changes only what differs, so that a reader sees at a glance
+what makes, say, Qwen2 differ from Llama.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelConfig, read_config
+from ...errors import CheckpointError
+from ..decoder import CausalLM
+from . import gemma3, gpt2, mistral, qwen2
+
+
+@dataclass(frozen=True)
+class Family:
+    config_class: type[ModelConfig]
+    model_class: type[CausalLM]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(ModelConfig, CausalLM),
+    "qwen2": Family(qwen2.Qwen2Config, qwen2.Qwen2ForCausalLM),
+    "mistral": Family(mistral.MistralConfig, mistral.MistralForCausalLM),
+    "gemma3_text": Family(gemma3.Gemma3Config, gemma3.Gemma3ForCausalLM),
+    "gpt2": Family(gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
+}
+
+
+def family(model_type: str | None) -> Family:
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"config.json has model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    """The family's config for the checkpoint in `folder`."""
+    raw = read_config(folder)
+    return family(raw.get("model_type")).config_class.from_dict(raw)
+
+
+def model_class(config: ModelConfig) -> type[CausalLM]:
+    return family(config.model_type).model_class

@@ -1,0 +1,1 @@
+"""Tools for looking inside: traces, interventions, scoring, plots."""

@@ -1,0 +1,118 @@
+"""How likely is a text? The log-probability of each of its tokens given the ones before it.
+
+Texts are tokenized as the checkpoint's tokenizer does by default (a BOS token only where it adds
+one), sorted by length and run in right-padded batches without a KV cache: attention is causal,
+so the padding after a text's last token changes nothing before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InvalidParameterError
+
+DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass: bounds the (tokens x vocabulary) logits
+
+
+@dataclass(frozen=True, repr=False)
+class ScoredText:
+    """One text's score.
+
+    `token_logprobs[i]` is the natural log-probability of `tokens[i + 1]` given `tokens[: i + 1]`:
+    there is one fewer than there are tokens, because the first token has no context to be
+    predicted from and gets no score. `logprob` is their sum and `perplexity` is
+    exp(-logprob / len(token_logprobs)) (NaN for a one-token text, which has nothing scored).
+    """
+
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    token_logprobs: list[float]
+
+    def __repr__(self) -> str:
+        return (
+            f"ScoredText({self.text!r}, {len(self.tokens)} tokens, logprob={self.logprob:.4f}, "
+            f"perplexity={self.perplexity:.4g})"
+        )
+
+    @property
+    def logprob(self) -> float:
+        return math.fsum(self.token_logprobs)
+
+    @property
+    def perplexity(self) -> float:
+        if not self.token_logprobs:
+            return math.nan
+        return math.exp(-self.logprob / len(self.token_logprobs))
+
+
+def score(llm: Any, texts: Sequence[str], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[ScoredText]:
+    """Score each text (see `ScoredText`), in the order given.
+
+    `llm` is anything with `.model` and `.tokenizer` (the handle from `nanoengine.load`).
+    `batch_tokens` bounds the padded tokens of one forward pass, and with it the memory of the
+    logits (about batch_tokens x vocabulary x 4 bytes).
+    """
+    model, tokenizer = llm.model, llm.tokenizer
+    if not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise InvalidParameterError(f"batch_tokens must be a positive integer, not {batch_tokens!r}")
+    encoded = encode_texts(tokenizer, texts, model.config.max_position_embeddings)
+    logprobs: list[list[float]] = [[] for _ in texts]
+    for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
+        for index, values in zip(batch, batch_logprobs(model, [encoded[i] for i in batch])):
+            logprobs[index] = values
+    return [
+        ScoredText(text, [tokenizer.decode([i], False) for i in ids], ids, values)
+        for text, ids, values in zip(texts, encoded, logprobs)
+    ]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Token ids of every text, checked before any forward pass."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidParameterError(
+            f"texts must be a list of strings (for one text: [text]), not {type(texts).__name__}"
+        )
+    encoded = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"texts[{i}] must be a string, not {type(text).__name__}")
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise InvalidParameterError(f"texts[{i}] is empty: it has no tokens to score")
+        if len(ids) > max_len:
+            raise InvalidParameterError(f"texts[{i}] has {len(ids)} tokens; the model's context is {max_len}")
+        encoded.append(ids)
+    return encoded
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group's padded size (count x longest) within
+    `batch_tokens` (a text longer than that goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def batch_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one padded pass."""
+    device = model.lm_head.weight.device
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, device=device)
+    with torch.inference_mode():
+        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        targets = ids[:, 1:, None]  # (B, T-1, 1)
+        values = (logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)).cpu()  # (B, T-1)
+    return [values[row, : len(seq) - 1].tolist() for row, seq in enumerate(sequences)]

@@ -1,0 +1,1 @@
+"""`nanoengine serve`: the shared app and its guard, LLM Engine's routes, the OpenAI routes."""
