@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nanoengine import InvalidParameterError
-from nanoengine. import threads
+from nanoengine import threads
 
 
 def test_the_default_is_the_idle_cpus_and_at_least_one(monkeypatch):
