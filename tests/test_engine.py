@@ -21,7 +21,7 @@ import torch
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
 from nanoengine.engine.loop import Engine, EngineSettings
 from nanoengine.api.models import get_model
-from nanoengine.api.validation import validate_request
+from nanoengine.params import CompletionParams
 from conftest import wait_until  # noqa: E402
 
 TEXT = (
@@ -34,13 +34,8 @@ TEXT = (
 
 def request(max_new_tokens: int = 16, timeout: float = 300, **sampling):
     """A checked request; the prompt text is a placeholder, the tests submit token ids."""
-    params = dict(
-        model_name="x", model=None, prompt="x", max_new_tokens=max_new_tokens, temperature=0, timeout=timeout,
-        stream=False, stop_sequences=None, return_token_log_probs=True, presence_penalty=None,
-        frequency_penalty=None, top_k=None, top_p=None, include_stop_str_in_output=None,
-        skip_special_tokens=True, seed=None,
-    )  # fmt: skip
-    return validate_request(**{**params, **sampling})
+    params = dict(model_name="x", prompt="x", max_new_tokens=max_new_tokens, temperature=0, timeout=timeout, return_token_log_probs=True)
+    return CompletionParams(**{**params, **sampling})
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`Completion`: nanoengine's public face, shaped after `llmengine.Completion`.
 
-One token's path: `Completion.create` checks every parameter (`validation.py`); `submit` gets
+One token's path: `Completion.create` checks every parameter (`params.py`); `submit` gets
 the loaded model (`models.py`), tokenizes the prompt with the checkpoint's own tokenizer and
 hands the request to the model's engine (`engine.py`). The engine's loop runs the request's
 tokens in batches with every other request's, picks each with the request's own sampler
@@ -12,7 +12,6 @@ come; a full response is the same chunks joined. `acreate` reads the same mailbo
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 import weakref
@@ -22,13 +21,13 @@ from typing import Any
 from ..engine.loop import Handle
 from .models import LoadedModel, get_model
 from .outputs import timeout_error
+from ..params import CompletionParams, signature_of
 from .types import (
     CompletionOutput,
     CompletionStreamOutput,
     CompletionStreamV1Response,
     CompletionSyncV1Response,
 )
-from .validation import CompletionRequest, validate_request
 
 
 class Completion:
@@ -39,74 +38,39 @@ class Completion:
     tasks may call at once: requests to one model are batched by its engine.
     """
 
-    @classmethod
-    def create(
-        cls,
-        model_name: str | os.PathLike | None = None,
-        prompt: str | None = None,
-        max_new_tokens: int = 20,
-        temperature: float = 0.2,
-        timeout: float = 10,
-        stream: bool = False,
-        *,
-        stop_sequences: list[str] | None = None,
-        return_token_log_probs: bool | None = False,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        include_stop_str_in_output: bool | None = None,
-        skip_special_tokens: bool | None = True,
-        seed: int | None = None,
-        model: str | os.PathLike | None = None,
-    ) -> CompletionSyncV1Response | Iterator[CompletionStreamV1Response]:
+    @staticmethod
+    @signature_of(CompletionParams)
+    def create(*args: Any, **kwargs: Any) -> CompletionSyncV1Response | Iterator[CompletionStreamV1Response]:
         """Complete `prompt` with the model `model_name` (a registered name or a checkpoint folder).
 
-        `temperature=0` is greedy. Generation ends at the earliest of `stop_sequences` (cut from
-        the text unless `include_stop_str_in_output`), at an end-of-sequence token, or after
-        `max_new_tokens`. `timeout` seconds bound the whole request, waiting for the model to be
-        free included (loading it, once per process, is not counted). Every parameter is checked
-        before any work; errors derive from `ValueError`, and running out of time raises a
-        `TimeoutError` (in a stream: after the chunks so far). A stream that is closed, dropped
-        or left stops at the next decode step.
+        Takes `CompletionParams`' fields (llmengine's parameters, in its order). `temperature=0`
+        is greedy. Generation ends at the earliest of `stop_sequences` (cut from the text unless
+        `include_stop_str_in_output`), at an end-of-sequence token, or after `max_new_tokens`.
+        `timeout` seconds bound the whole request, waiting for the model to be free included
+        (loading it, once per process, is not counted). Every parameter is checked before any
+        work; errors derive from `ValueError`, and running out of time raises a `TimeoutError`
+        (in a stream: after the chunks so far). A stream that is closed, dropped or left stops at
+        the next decode step.
         """
-        request = validate_request(**_params(locals()))
+        request = CompletionParams(*args, **kwargs)
         chunks = CompletionStream(str(uuid.uuid4()), *submit(request))
-        if stream:
+        if request.stream:
             return chunks
         with chunks:
             return CompletionSyncV1Response(chunks.request_id, collect(request, (r.output for r in chunks)))
 
-    @classmethod
-    async def acreate(
-        cls,
-        model_name: str | os.PathLike | None = None,
-        prompt: str | None = None,
-        max_new_tokens: int = 20,
-        temperature: float = 0.2,
-        timeout: float = 10,
-        stream: bool = False,
-        *,
-        stop_sequences: list[str] | None = None,
-        return_token_log_probs: bool | None = False,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        include_stop_str_in_output: bool | None = None,
-        skip_special_tokens: bool | None = True,
-        seed: int | None = None,
-        model: str | os.PathLike | None = None,
-    ) -> CompletionSyncV1Response | AsyncCompletionStream:
+    @staticmethod
+    @signature_of(CompletionParams)
+    async def acreate(*args: Any, **kwargs: Any) -> CompletionSyncV1Response | AsyncCompletionStream:
         """`create` for asyncio: awaited to a response, or with `stream=True` to an async iterable.
 
         Loading and tokenizing run in an executor thread and the forward passes in the engine's,
         so the event loop never blocks; a cancelled task stops its generation at the next step.
         """
-        request = validate_request(**_params(locals()))
+        request = CompletionParams(*args, **kwargs)
         loaded, prompt_ids = await asyncio.get_running_loop().run_in_executor(None, prepare, request)
         chunks = AsyncCompletionStream(str(uuid.uuid4()), *submit(request, loaded, prompt_ids))
-        if stream:
+        if request.stream:
             return chunks
         try:
             outputs = [response.output async for response in chunks]
@@ -115,11 +79,7 @@ class Completion:
         return CompletionSyncV1Response(chunks.request_id, collect(request, outputs))
 
 
-def _params(local_vars: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in local_vars.items() if name != "cls"}
-
-
-def prepare(request: CompletionRequest) -> tuple[LoadedModel, list[int]]:
+def prepare(request: CompletionParams) -> tuple[LoadedModel, list[int]]:
     """Get the model (loading it on first use) and tokenize the prompt; check it fits."""
     loaded = get_model(request.model_name)
     prompt_ids = loaded.tokenizer.encode(request.prompt)  # exactly as tokenizer.json says
@@ -128,8 +88,8 @@ def prepare(request: CompletionRequest) -> tuple[LoadedModel, list[int]]:
 
 
 def submit(
-    request: CompletionRequest, loaded: LoadedModel | None = None, prompt_ids: list[int] | None = None
-) -> tuple[Handle | None, CompletionRequest, float]:
+    request: CompletionParams, loaded: LoadedModel | None = None, prompt_ids: list[int] | None = None
+) -> tuple[Handle | None, CompletionParams, float]:
     """Hand the request to its model's engine; return the handle (None for zero new tokens),
     the request and its deadline.
 
@@ -157,7 +117,7 @@ class _Empty:
 class _Chunks:
     """The reading side shared by the sync and async streams: items, errors, timeout, abort."""
 
-    def __init__(self, request_id: str, handle: Handle | _Empty, request: CompletionRequest, deadline: float) -> None:
+    def __init__(self, request_id: str, handle: Handle | _Empty, request: CompletionParams, deadline: float) -> None:
         self.request_id = request_id
         self._handle, self._request, self._deadline = handle, request, deadline
         self._done = False
@@ -220,7 +180,7 @@ class CompletionStream(_Chunks):
         self.close()
 
 
-def collect(request: CompletionRequest, chunks: Iterable[CompletionStreamOutput]) -> CompletionOutput:
+def collect(request: CompletionParams, chunks: Iterable[CompletionStreamOutput]) -> CompletionOutput:
     """The full response that a stream's chunks add up to."""
     texts, tokens, last = [], [], None
     for last in chunks:

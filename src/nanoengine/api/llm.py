@@ -6,7 +6,6 @@ module, `llm.tokenizer` the checkpoint's tokenizer, and the methods run on the m
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -15,23 +14,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .completion import Completion, CompletionStream, collect, submit
+from .completion import CompletionStream, collect, submit
 from ..engine.loop import Engine
 from ..errors import InvalidParameterError
 from .models import LoadedModel, get_model
+from ..params import MAX_SEED, SAMPLING_NAMES, CompletionParams
 from .types import CompletionOutput, CompletionStreamOutput
-from .validation import MAX_SEED, CompletionRequest, validate_request
 
 logger = logging.getLogger(__name__)
 
 NO_TIMEOUT = 10**9  # seconds: the handle's calls run until done unless given a timeout
-# Completion.create's keyword parameters and their defaults: what `**sampling` may hold.
-SAMPLING_DEFAULTS = {
-    name: p.default
-    for name, p in inspect.signature(Completion.create).parameters.items()
-    if name not in ("cls", "model_name", "model", "prompt", "stream")
-}
-SAMPLING_DEFAULTS["timeout"] = NO_TIMEOUT
 
 
 class LLM:
@@ -61,7 +53,7 @@ class LLM:
     def complete(
         self, prompt: str, stream: bool = False, **sampling: Any
     ) -> CompletionOutput | Iterator[CompletionStreamOutput]:
-        """One completion of `prompt`; `sampling` takes `Completion.create`'s parameters (the
+        """One completion of `prompt`; `sampling` takes `CompletionParams`' fields (the
         timeout defaults to none)."""
         request = self._request(prompt, sampling)
         chunks = CompletionStream("", *submit(request, self._loaded, self.tokenizer.encode(request.prompt)))
@@ -81,7 +73,7 @@ class LLM:
         """Complete every prompt, all submitted at once so that the engine runs them as batches;
         the outputs come back in the order of the prompts.
 
-        `sampling` takes `Completion.create`'s parameters (the timeout, for the whole call,
+        `sampling` takes `CompletionParams`' fields (the timeout, for the whole call,
         defaults to none). With a `seed`, prompt i is sampled with seed + i, so that each prompt
         has its own reproducible stream. Every parameter and prompt is checked before any work.
         `interventions` (see `tracing.intervene`) apply to every forward pass while the call runs:
@@ -104,14 +96,13 @@ class LLM:
                 outputs.append(collect(request, (response.output for response in stream)))
         return outputs
 
-    def _request(self, prompt: str, sampling: dict[str, Any]) -> CompletionRequest:
-        unknown = set(sampling) - set(SAMPLING_DEFAULTS)
+    def _request(self, prompt: str, sampling: dict[str, Any]) -> CompletionParams:
+        unknown = set(sampling) - set(SAMPLING_NAMES)
         if unknown:
             raise InvalidParameterError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(SAMPLING_DEFAULTS)}"
+                f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(SAMPLING_NAMES)}"
             )
-        params = {**SAMPLING_DEFAULTS, **sampling}
-        return validate_request(model_name=self.folder, model=None, prompt=prompt, stream=False, **params)
+        return CompletionParams(model_name=self.folder, prompt=prompt, **{"timeout": NO_TIMEOUT, **sampling})
 
     def chat(
         self, messages: list[dict[str, str]], stream: bool = False, **sampling: Any

@@ -22,13 +22,13 @@ from ..errors import RequestTimeoutError
 from .stopping import StopChecker
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
 from .types import CompletionStreamOutput, TokenOutput
-from .validation import CompletionRequest
+from ..params import CompletionParams
 
 
 class OutputBuilder:
     """One request's token ids in, its stream chunks out."""
 
-    def __init__(self, request: CompletionRequest, tokenizer: Tokenizer, eos_ids: frozenset[int], num_prompt_tokens: int) -> None:
+    def __init__(self, request: CompletionParams, tokenizer: Tokenizer, eos_ids: frozenset[int], num_prompt_tokens: int) -> None:
         self.request = request
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -148,7 +148,7 @@ def _merged(old: CompletionStreamOutput, new: CompletionStreamOutput) -> Complet
     return replace(new, text=old.text + new.text)
 
 
-def timeout_error(request: CompletionRequest, done: int, doing: str) -> RequestTimeoutError:
+def timeout_error(request: CompletionParams, done: int, doing: str) -> RequestTimeoutError:
     return RequestTimeoutError(
         f"the request ran past its timeout of {request.timeout:g} s while {doing} "
         f"({done} of {request.max_new_tokens} tokens generated)"

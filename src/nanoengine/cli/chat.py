@@ -22,17 +22,18 @@ from contextlib import closing
 from typing import Any
 
 from ..api.chat import Message
+from .options import add_model_options, add_sampling_options, check_sampling_options, configure_model_options
 from ..errors import InvalidParameterError, NanoEngineError
 from ..weights.registry import DEFAULT_MODEL
 
 logger = logging.getLogger("nanoengine")
 
+CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "timeout")
 PROMPT = ">>> "
 QUIT_HINT = "(Ctrl-C again or Ctrl-D to quit)"
 
 
 def add_chat_command(commands: argparse._SubParsersAction) -> None:
-    from .main import add_model_options
 
     chat = commands.add_parser(
         "chat",
@@ -44,43 +45,23 @@ def add_chat_command(commands: argparse._SubParsersAction) -> None:
     option = chat.add_argument
     option("--model", default=DEFAULT_MODEL, help=f"registered name or checkpoint folder (default: {DEFAULT_MODEL})")
     option("--system", metavar="TEXT", help="a system message that opens the conversation")
-    option("--max-new-tokens", type=int, default=512, metavar="N", help="most tokens per answer (default: 512)")
-    option("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy; higher, more varied (default: 0)")
-    option("--top-k", type=int, metavar="K", help="sample only from the K most likely tokens")
-    option("--top-p", type=float, metavar="P", help="sample only from the likeliest tokens that reach probability P")
-    option("--seed", type=int, help="random seed: the same seed gives the same answers")
-    option("--timeout", type=float, default=600.0, metavar="SECONDS", help="longest one answer may take (default: 600)")
+    add_sampling_options(chat, CHAT_SAMPLING, max_new_tokens=512)
     add_model_options(chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
     """Check the options and the model's chat template, then load the model and converse."""
-    from .main import configure_model_options
     from ..api.llm import load
     from ..weights.registry import resolve_model
     from ..model.tokenizer import Tokenizer
 
-    sampling = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, timeout=args.timeout,
-    )  # fmt: skip
-    check_sampling(args.model, sampling)
+    sampling = {name: getattr(args, name) for name in CHAT_SAMPLING}
+    check_sampling_options(args.model, "-", sampling)
     configure_model_options(args)
     if Tokenizer.from_folder(resolve_model(args.model)).chat_template is None:  # before the weights are loaded
         raise InvalidParameterError(f"--model {args.model}: this checkpoint has no chat template (use `complete`)")
     history: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     return ChatSession(load(args.model), sampling, history).run(read_line)
-
-
-def check_sampling(model: str, sampling: dict[str, Any]) -> None:
-    """The sampling options checked as `Completion.create` checks them, before any work."""
-    from ..api.validation import validate_request
-
-    validate_request(
-        model_name=model, model=None, prompt="-", stream=True, stop_sequences=None, return_token_log_probs=False,
-        presence_penalty=None, frequency_penalty=None, include_stop_str_in_output=None, skip_special_tokens=True,
-        **sampling,
-    )  # fmt: skip
 
 
 def read_line() -> str:

@@ -14,7 +14,7 @@ logger = logging.getLogger("nanoengine")
 
 
 def add_inspect(commands: argparse._SubParsersAction) -> None:
-    from .main import add_model_options
+    from .options import add_model_options
 
     inspect = commands.add_parser(
         "inspect",
@@ -35,7 +35,7 @@ def add_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .main import configure_model_options
+    from .options import configure_model_options
     from ..research.interventions import Layout
     from ..api.llm import load
 

@@ -26,6 +26,7 @@ from ..weights.registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_
 
 logger = logging.getLogger("nanoengine")
 
+COMPLETE_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_sequences", "timeout")
 BENCH_SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench.py"
 EXAMPLES = """examples:
   nanoengine complete --chat "What is the capital of France?"
@@ -76,19 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--dtype",
-        type=check.dtype_name,
-        help="float32, bfloat16, float16, int8 or int4 (weight-only, blocks of 32) or auto (default: float32 on "
-        "CPU, bfloat16 on CUDA); on CPU, half and quantized weights are only faster with --compile",
-    )
-    command.add_argument("--device", type=check.device_name, help="cpu, cuda or auto (default: cpu)")
-    command.add_argument(
-        "--compile", action="store_true", help="compile the decode step (faster decoding; costs start-up time)"
-    )
-
-
 def add_complete(commands: argparse._SubParsersAction) -> None:
     complete = commands.add_parser(
         "complete",
@@ -100,15 +88,9 @@ def add_complete(commands: argparse._SubParsersAction) -> None:
     option = complete.add_argument
     option("--model", default=DEFAULT_MODEL, help=f"registered name or checkpoint folder (default: {DEFAULT_MODEL})")
     option("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
-    option("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default: 128)")
-    option("--temperature", type=float, default=0.0, metavar="T", help="0 is greedy; higher, more varied (default: 0)")
-    option("--top-k", type=int, metavar="K", help="sample only from the K most likely tokens")
-    option("--top-p", type=float, metavar="P", help="sample only from the likeliest tokens that reach probability P")
-    option("--seed", type=int, help="random seed: the same seed gives the same text")
-    option("--stop", action="append", metavar="TEXT", help="end the completion at TEXT (repeat for several)")
-    option("--timeout", type=float, default=600.0, metavar="SECONDS", help="give up after this long (default: 600)")
+    check.add_sampling_options(complete, COMPLETE_SAMPLING)
     option("--no-stream", action="store_true", help="print the whole completion at the end instead")
-    add_model_options(complete)
+    check.add_model_options(complete)
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
@@ -147,7 +129,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         help="accept requests for this Host name too (repeat for several; * for any). Bound to loopback, "
         "the server answers loopback names only, against DNS rebinding; bound elsewhere, any name",
     )  # fmt: skip
-    add_model_options(serve)
+    check.add_model_options(serve)
     add_engine_options(serve)
 
 
@@ -207,21 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def configure_model_options(args: argparse.Namespace) -> None:
-    from ..api.models import configure
-
-    configure(dtype=args.dtype, device=args.device, compile=args.compile or None)
-
-
 def run_complete(args: argparse.Namespace) -> int:
     from ..api.completion import Completion
     from ..api.models import configure, get_model
 
-    configure_model_options(args)
+    check.configure_model_options(args)
     if not os.environ.get("NANOENGINE_BACKGROUND_COMPILE"):
         configure(background_compile=False)  # a one-shot completion ends before a compile would pay off
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    check.check_completion_options(args, prompt)
+    params = {name: getattr(args, name) for name in COMPLETE_SAMPLING}
+    check.check_sampling_options(args.model, prompt, params)
     if args.chat:
         check.check_chat_template(args.model)
     loaded = get_model(args.model)  # loaded before the clock starts: the speed shown is the model's
@@ -229,10 +206,6 @@ def run_complete(args: argparse.Namespace) -> int:
         from ..api.chat import chat_prompt  # the prompt that llm.chat() builds: one path for every chat surface
 
         prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": prompt}])
-    params = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
-        stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
     start, first, held = time.perf_counter(), None, []
     with closing(Completion.create(args.model, prompt, stream=True, **params)) as stream:
         for chunk in stream:
@@ -270,7 +243,7 @@ def configure_engine(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from ..server.app import ServerSettings, preload, serve, served_models
 
-    configure_model_options(args)
+    check.configure_model_options(args)
     configure_engine(args)
     settings = ServerSettings(
         models=served_models(args.models),

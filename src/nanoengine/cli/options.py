@@ -91,26 +91,35 @@ def api_key_from_environment() -> str | None:
     return os.environ[API_KEY_ENV]
 
 
-def check_completion_options(args: argparse.Namespace, prompt: str) -> None:
-    """`complete`'s sampling options and prompt, checked as `Completion.create` checks them, named as options."""
-    from ..api.validation import validate_request
+def add_sampling_options(command: argparse.ArgumentParser, names: tuple[str, ...], **defaults: Any) -> None:
+    """`--max-new-tokens`, `--temperature`, ...: each built from its completion parameter's CLI
+    spelling (`params.py`); `defaults` overrides a command's defaults."""
+    from ..params import SPECS
 
-    params: dict[str, Any] = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, timeout=args.timeout,
-        stop_sequences=args.stop, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-    )  # fmt: skip
+    for name in names:
+        keywords = dict(SPECS[name].cli)
+        flag = keywords.pop("flag", option_flag(name))
+        keywords["default"] = defaults.get(name, keywords.get("default"))
+        if keywords["default"] is not None:
+            keywords["help"] += " (default: %(default)s)"
+        command.add_argument(flag, dest=name, **keywords)
+
+
+def option_flag(name: str) -> str:
+    from ..params import SPECS
+
+    return (SPECS[name].cli or {}).get("flag", "--" + name.replace("_", "-"))
+
+
+def check_sampling_options(model: str, prompt: str, sampling: dict[str, Any]) -> None:
+    """A command's sampling options and prompt, checked as `Completion.create` checks them, named as options."""
+    from ..params import CompletionParams
+
     try:
-        validate_request(
-            model_name=args.model, model=None, prompt=prompt, stream=True, return_token_log_probs=False,
-            presence_penalty=None, frequency_penalty=None, include_stop_str_in_output=None,
-            skip_special_tokens=None, **params,
-        )  # fmt: skip
+        CompletionParams(model_name=model, prompt=prompt, **sampling)
     except InvalidParameterError as err:
-        message = str(err)
-        for name in params:
-            flag = "--stop" if name == "stop_sequences" else "--" + name.replace("_", "-")
-            message = message.replace(name, flag, 1) if message.startswith(name) else message
-        raise InvalidParameterError(message) from None
+        name = next((n for n in sampling if str(err).startswith(n)), None)
+        raise InvalidParameterError(str(err).replace(name, option_flag(name), 1) if name else str(err)) from None
 
 
 def check_chat_template(model: str) -> None:
@@ -120,3 +129,22 @@ def check_chat_template(model: str) -> None:
 
     if Tokenizer.from_folder(resolve_model(model)).chat_template is None:
         raise InvalidParameterError(f"--chat: {model} has no chat template; leave --chat out to complete raw text")
+
+
+def add_model_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--dtype",
+        type=dtype_name,
+        help="float32, bfloat16, float16, int8 or int4 (weight-only, blocks of 32) or auto (default: float32 on "
+        "CPU, bfloat16 on CUDA); on CPU, half and quantized weights are only faster with --compile",
+    )
+    command.add_argument("--device", type=device_name, help="cpu, cuda or auto (default: cpu)")
+    command.add_argument(
+        "--compile", action="store_true", help="compile the decode step (faster decoding; costs start-up time)"
+    )
+
+
+def configure_model_options(args: argparse.Namespace) -> None:
+    from ..api.models import configure
+
+    configure(dtype=args.dtype, device=args.device, compile=args.compile or None)

@@ -32,7 +32,7 @@ from .runner import ModelRunner
 from .sampling import Sampler, sample
 from .scheduler import PrefillBatch, Scheduler, Sequence
 from ..model.tokenizer import Tokenizer
-from ..api.validation import CompletionRequest
+from ..params import CompletionParams
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class EngineSettings:
 class RequestState:
     """What the loop keeps per request beside its `Sequence`."""
 
-    request: CompletionRequest
+    request: CompletionParams
     sampler: Sampler
     output: OutputBuilder
     mailbox: Mailbox
@@ -66,7 +66,7 @@ class Handle:
 
     def __init__(self, engine: Engine, seq: Sequence) -> None:
         self.mailbox: Mailbox = seq.state.mailbox
-        self.request: CompletionRequest = seq.state.request
+        self.request: CompletionParams = seq.state.request
         self.deadline = seq.deadline
         self._abort = lambda: engine.abort(seq)
 
@@ -116,7 +116,7 @@ class Engine:
                 f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds {limit}"
             )
 
-    def submit(self, request: CompletionRequest, prompt_ids: list[int], deadline: float) -> Handle:
+    def submit(self, request: CompletionParams, prompt_ids: list[int], deadline: float) -> Handle:
         """Queue a request (checked, tokenized); its chunks arrive in the handle's mailbox."""
         self.check_length(len(prompt_ids), request.max_new_tokens)
         device = self.runner.device

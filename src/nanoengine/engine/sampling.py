@@ -7,9 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidParameterError
-
-MAX_TEMPERATURE = 2.0
+from ..params import check
 
 
 @dataclass(frozen=True)
@@ -27,29 +25,12 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _check_number("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
-        _check_number("presence_penalty", self.presence_penalty, 0.0, 2.0)
-        _check_number("frequency_penalty", self.frequency_penalty, 0.0, 2.0)
-        if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not (self.top_k == -1 or self.top_k >= 1):
-                raise InvalidParameterError(f"top_k must be -1, None or an integer >= 1, not {self.top_k!r}")
-        if self.top_p is not None:
-            _check_number("top_p", self.top_p, 0.0, 1.0)
-            if self.top_p == 0.0:
-                raise InvalidParameterError("top_p must be in (0, 1], not 0")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidParameterError(f"seed must be an integer, not {self.seed!r}")
+        for name in ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "seed"):
+            check(name, getattr(self, name))  # the ranges are the completion parameters' own
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
-
-
-def _check_number(name: str, value: object, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidParameterError(f"{name} must be a finite number in [{low}, {high}], not {value!r}")
-    if not low <= value <= high:
-        raise InvalidParameterError(f"{name} must be in [{low}, {high}], not {value!r}")
 
 
 class Sampler:

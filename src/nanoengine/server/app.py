@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..api.completion import AsyncCompletionStream, Completion
 from ..errors import InvalidParameterError, NanoEngineError, UnknownModelError
 from ..weights.registry import DEFAULT_MODEL, REGISTRY
+from ..params import SPECS
 from ..api.types import CompletionStreamV1Response, StreamError, StreamErrorContent
 
 if TYPE_CHECKING:  # imported at run time only once a server is built
@@ -46,12 +47,9 @@ DEFAULT_RECEIVE_TIMEOUT = 20.0  # for a whole request to arrive: 1 MB at 50 kB/s
 DEFAULT_MAX_CONNECTIONS = 1000
 MAX_HEADER_BYTES = 16 << 10  # uvicorn's (h11's) default, said here
 
-# Request body fields handed to `Completion.acreate`; other fields are ignored, as LLM Engine does.
-COMPLETION_FIELDS = (
-    "prompt", "max_new_tokens", "temperature", "stop_sequences", "return_token_log_probs",
-    "presence_penalty", "frequency_penalty", "top_k", "top_p", "include_stop_str_in_output",
-    "skip_special_tokens", "seed",
-)  # fmt: skip
+# Request body fields handed to `Completion.acreate` (the completion parameters but the model, the
+# route's own timeout and the route's choice of stream); other fields are ignored, as LLM Engine does.
+COMPLETION_FIELDS = tuple(name for name in SPECS if name not in ("model_name", "model", "timeout", "stream"))
 # Fields the client always sends (as null) and that nanoengine cannot honour when set.
 UNSUPPORTED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
