@@ -13,6 +13,7 @@ import gc
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
 from nanoengine.engine.loop import Engine, EngineSettings
 from nanoengine.api.models import get_model
+from nanoengine.api.outputs import Mailbox, OutputBuilder
 from nanoengine.params import CompletionParams
 from conftest import wait_until  # noqa: E402
 
@@ -46,20 +48,38 @@ class Result:
     error: BaseException | None = None
 
 
-def read(handle) -> Result:
-    """Everything a handle's mailbox gets, until the last chunk or an error."""
+class Submitted:
+    """A request in the engine, read as the request side reads it: its mailbox's tokens through
+    an output builder (detokenizer and stop strings), aborted once a stop string completes."""
+
+    def __init__(self, engine: Engine, request: CompletionParams, prompt_ids: list[int], deadline: float) -> None:
+        self.builder = OutputBuilder(request, TOKENIZERS[engine], engine.eos_ids, len(prompt_ids))
+        self.handle = engine.submit(request, prompt_ids, deadline, Mailbox())
+
+    def abort(self) -> None:
+        self.handle.abort()
+
+
+submit = Submitted
+TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> its model's tokenizer
+
+
+def read(submitted: Submitted) -> Result:
+    """Everything a request's reader gets, until the last chunk or an error."""
     result = Result([], [], "")
     while True:
-        item = handle.mailbox.get(time.monotonic() + 300)
+        item = submitted.handle.mailbox.get(time.monotonic() + 300)
         if isinstance(item, BaseException):
             result.error = item
             return result
-        result.text += item.text
-        if item.token is not None:
-            result.tokens.append(item.token.token)
-            result.logprobs.append(item.token.log_prob)
-        if item.finished:
-            return result
+        for chunk in submitted.builder.add(item):
+            result.text += chunk.text
+            if chunk.token is not None:
+                result.tokens.append(chunk.token.token)
+                result.logprobs.append(chunk.token.log_prob)
+            if chunk.finished:
+                submitted.abort()  # as the request side does: the engine may not know of a stop string
+                return result
 
 
 def solo(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams | None = None) -> Result:
@@ -79,7 +99,8 @@ def engine_for(request):
     engines = []
 
     def make(model, tokenizer, **settings) -> Engine:
-        engines.append(Engine(model, tokenizer, EngineSettings(**settings)))
+        engines.append(Engine(model, EngineSettings(**settings)))
+        TOKENIZERS[engines[-1]] = tokenizer
         return engines[-1]
 
     yield make
@@ -101,7 +122,7 @@ def real_prompts(smollm2) -> list[list[int]]:
 
 def test_eight_real_prompts_batched_give_each_its_solo_greedy_tokens(smollm2, real_prompts, engine_for):
     engine = engine_for(smollm2.model, smollm2.tokenizer, max_batch_size=8, prefill_chunk=256)
-    handles = [engine.submit(request(16), ids, time.monotonic() + 600) for ids in real_prompts]
+    handles = [submit(engine, request(16), ids, time.monotonic() + 600) for ids in real_prompts]
     results = [read(h) for h in handles]
     for ids, got in zip(real_prompts, results):
         assert_same(got, solo(smollm2.model, smollm2.tokenizer, ids, 16))
@@ -122,7 +143,7 @@ MIXED = [
 def test_seeded_sampling_with_mixed_parameters_is_the_same_batched_or_solo(smollm2, real_prompts, engine_for):
     engine = engine_for(smollm2.model, smollm2.tokenizer, max_batch_size=8, prefill_chunk=256)
     requests = [request(12, **options) for options in MIXED]
-    handles = [engine.submit(r, ids, time.monotonic() + 600) for r, ids in zip(requests, real_prompts)]
+    handles = [submit(engine, r, ids, time.monotonic() + 600) for r, ids in zip(requests, real_prompts)]
     results = [read(h) for h in handles]
     for r, ids, got in zip(requests, real_prompts, results):
         assert_same(got, solo(smollm2.model, smollm2.tokenizer, ids, 12, r.sampling))
@@ -150,7 +171,7 @@ def test_every_family_batched_equals_solo_past_the_sliding_window(family_folder,
     engine = engine_for(model, tokenizer, max_batch_size=4, prefill_chunk=16)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (5, 23, 40, 70)]
-    handles = [engine.submit(request(30), ids, time.monotonic() + 600) for ids in prompts]
+    handles = [submit(engine, request(30), ids, time.monotonic() + 600) for ids in prompts]
     for ids, handle in zip(prompts, handles):
         assert_same(read(handle), solo(model, tokenizer, ids, 30))
 
@@ -188,12 +209,12 @@ def test_requests_joining_leaving_aborted_timed_out_or_stopped_leave_the_others_
     slow = model.register_forward_hook(lambda *args: time.sleep(0.003))  # room for the others to join
     try:
         deadline = time.monotonic() + 600
-        first = [engine.submit(request(60), prompts[i], deadline) for i in range(2)]
+        first = [submit(engine, request(60), prompts[i], deadline) for i in range(2)]
         assert wait_until(lambda: any(tokens == 1 for rows, tokens in shapes))  # decoding: now the others arrive
-        joining = engine.submit(request(40), prompts[2], deadline)
-        aborted = engine.submit(request(200), prompts[3], deadline)
-        late = engine.submit(request(200, timeout=0.2), prompts[4], time.monotonic() + 0.2)
-        stopped = engine.submit(request(200, stop_sequences=["e"]), prompts[5], deadline)
+        joining = submit(engine, request(40), prompts[2], deadline)
+        aborted = submit(engine, request(200), prompts[3], deadline)
+        late = submit(engine, request(200, timeout=0.2), prompts[4], time.monotonic() + 0.2)
+        stopped = submit(engine, request(200, stop_sequences=["e"]), prompts[5], deadline)
         assert wait_until(lambda: len(shapes) >= 8)
         aborted.abort()
         results = [read(h) for h in (*first, joining)]
@@ -222,10 +243,10 @@ def test_a_long_prompt_delays_the_running_streams_by_one_chunk_at_most(tiny_mode
     shapes, hook = batch_sizes(model)
     try:
         deadline = time.monotonic() + 600
-        running = [engine.submit(request(200), tokenizer.encode(f"Stream {i}:"), deadline) for i in range(2)]
+        running = [submit(engine, request(200), tokenizer.encode(f"Stream {i}:"), deadline) for i in range(2)]
         assert wait_until(lambda: (2, 1) in shapes)  # both streams decode together
         before = len(shapes)
-        newcomer = engine.submit(request(8), long_prompt, deadline)
+        newcomer = submit(engine, request(8), long_prompt, deadline)
         got = read(newcomer)
         for handle in running:
             handle.abort()
@@ -248,12 +269,12 @@ def test_an_abort_or_a_timeout_is_honoured_between_chunks_of_a_long_prefill(tiny
     shapes, hook = batch_sizes(model)
     slow = model.register_forward_hook(lambda *args: time.sleep(0.05))
     try:
-        handle = engine.submit(request(8), long_prompt, time.monotonic() + 600)
+        handle = submit(engine, request(8), long_prompt, time.monotonic() + 600)
         assert wait_until(lambda: len(shapes) >= 3)
         handle.abort()
         assert wait_until(lambda: engine.active_requests == 0)
         aborted_at = len(shapes)
-        late = engine.submit(request(8, timeout=0.3), long_prompt, time.monotonic() + 0.3)
+        late = submit(engine, request(8, timeout=0.3), long_prompt, time.monotonic() + 0.3)
         assert isinstance(read(late).error, TimeoutError)
         assert wait_until(lambda: engine.active_requests == 0)
     finally:
@@ -324,7 +345,7 @@ def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
     prompts = [smollm2.tokenizer.encode(f"Write a very long essay about topic number {i}.") for i in range(32)]
     before = resident_bytes()
     deadline = time.monotonic() + 600
-    handles = [engine.submit(request(1000, return_token_log_probs=False), ids, deadline) for ids in prompts]
+    handles = [submit(engine, request(1000, return_token_log_probs=False), ids, deadline) for ids in prompts]
     try:
         assert wait_until(lambda: engine.steps >= 40, seconds=300)
         grown = resident_bytes() - before
@@ -347,14 +368,14 @@ def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_out
     compiler = engine.compiler
     compiler.after_tokens = 0  # start at the first decode step
     deadline = time.monotonic() + 900
-    assert_same(read(engine.submit(request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
+    assert_same(read(submit(engine, request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
     assert wait_until(lambda: 256 in compiler.compiled, seconds=900), "the background compile did not finish"
     calls = []
     compiled = compiler.compiled[256]
     compiler.compiled[256] = lambda *args: calls.append(1) or compiled(*args)
     for ids, expected in zip(prompts, eager):  # one row: the compiled step
-        assert_same(read(engine.submit(request(24), ids, deadline)), expected)
+        assert_same(read(submit(engine, request(24), ids, deadline)), expected)
     assert len(calls) == 3 * 23
-    handles = [engine.submit(request(24), ids, deadline) for ids in prompts]  # several rows: eager
+    handles = [submit(engine, request(24), ids, deadline) for ids in prompts]  # several rows: eager
     for handle, expected in zip(handles, eager):
         assert_same(read(handle), expected)

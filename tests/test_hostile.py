@@ -25,7 +25,8 @@ import requests
 
 import nanoengine
 from nanoengine import InvalidParameterError
-from nanoengine.server.app import ServerSettings, ServerSetupError, uvicorn_server
+from nanoengine.server.app import uvicorn_server
+from nanoengine.server.common import ServerSettings, ServerSetupError
 from conftest import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.hostile

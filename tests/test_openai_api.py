@@ -12,7 +12,7 @@ import requests
 from test_server import running_server
 
 import nanoengine
-from nanoengine.server.app import ServerSettings
+from nanoengine.server.common import ServerSettings
 from conftest import wait_until  # noqa: E402
 
 MODEL = nanoengine.DEFAULT_MODEL

@@ -27,7 +27,8 @@ import llmengine  # noqa: E402
 from llmengine.errors import BadRequestError, NotFoundError, UnauthorizedError  # noqa: E402
 
 import nanoengine  # noqa: E402
-from nanoengine.server.app import ServerSettings, ServerSetupError, served_models, uvicorn_server  # noqa: E402
+from nanoengine.server.app import uvicorn_server  # noqa: E402
+from nanoengine.server.common import ServerSettings, ServerSetupError, served_models  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
 # The client's own use of aiohttp's deprecated BasicAuth is not ours to fix.

@@ -1,6 +1,7 @@
 """nanoengine: a small, readable, pure-PyTorch runtime for small language models."""
 
-from .api.completion import AsyncCompletionStream, Completion
+from .api.completion import Completion
+from .api.outputs import AsyncCompletionStream
 from .model.config import ModelConfig
 from .api.models import configure
 from .errors import (

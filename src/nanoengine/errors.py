@@ -27,3 +27,7 @@ class FetchError(NanoEngineError, RuntimeError):
 
 class RequestTimeoutError(NanoEngineError, TimeoutError):
     """A request ran past its timeout."""
+
+    @classmethod
+    def ran_out(cls, timeout: float, done: int, max_new_tokens: int, doing: str) -> "RequestTimeoutError":
+        return cls(f"the request ran past its timeout of {timeout:g} s while {doing} ({done} of {max_new_tokens} tokens generated)")

@@ -3,7 +3,7 @@
 `CompletionParams` is the single place a parameter lives. `Completion.create`/`acreate` take
 exactly its fields, in llmengine's order (`signature_of`); constructing it checks every value
 before any work (errors name the parameter and what it allows, and derive from `ValueError`) and
-fills in llmengine's `None` defaults. From it come the engine's `SamplingParams` (`.sampling`),
+fills in llmengine's `None` defaults. From it come the engine's `SamplingParams` (`SamplingParams.of`),
 the fields the LLM Engine route reads from a body, the OpenAI routes' mapping (`Spec.openai`),
 the CLI's options (`Spec.cli`) and what `llm.generate` takes as keywords (`SAMPLING_NAMES`).
 """
@@ -192,15 +192,6 @@ class CompletionParams:
         object.__setattr__(self, "model_name", self.model_name if self.model_name is not None else self.model)
         for f in fields(self):  # in llmengine's order, so the first bad one is named
             object.__setattr__(self, f.name, f.metadata["spec"].check(f.name, getattr(self, f.name)))
-
-    @property
-    def sampling(self):
-        """The engine's view of how to pick tokens."""
-        from .engine.sampling import SamplingParams  # the engine's type; imported where first needed
-
-        return SamplingParams(
-            self.temperature, self.top_k, self.top_p, self.presence_penalty, self.frequency_penalty, self.seed
-        )
 
 
 SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(CompletionParams)}

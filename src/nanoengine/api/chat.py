@@ -7,14 +7,12 @@ the server's OpenAI-style `/v1/chat/completions` all turn messages into a prompt
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidParameterError
-from .types import CompletionOutput, CompletionStreamOutput
 
 if TYPE_CHECKING:
-    from .llm import LLM
     from ..model.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -70,10 +68,3 @@ def chat_prompt(tokenizer: Tokenizer, messages: Any) -> str:
     if bos and prompt.startswith(bos) and tokenizer.adds_bos_token:
         prompt = prompt[len(bos) :]
     return prompt
-
-
-def chat(
-    llm: LLM, messages: Any, stream: bool = False, **sampling: Any
-) -> CompletionOutput | Iterator[CompletionStreamOutput]:
-    """The assistant's answer to `messages`; `sampling` takes `Completion.create`'s parameters."""
-    return llm.complete(chat_prompt(llm.tokenizer, messages), stream=stream, **sampling)

@@ -1,12 +1,13 @@
 """`Completion`: nanoengine's public face, shaped after `llmengine.Completion`.
 
-One token's path: `Completion.create` checks every parameter (`params.py`); `submit` gets
-the loaded model (`models.py`), tokenizes the prompt with the checkpoint's own tokenizer and
-hands the request to the model's engine (`engine.py`). The engine's loop runs the request's
-tokens in batches with every other request's, picks each with the request's own sampler
-(`sampling.py`), turns it into a chunk (`outputs.OutputBuilder`: whole characters, stop strings
-held back) and leaves the chunk in the request's mailbox. A stream hands the chunks out as they
-come; a full response is the same chunks joined. `acreate` reads the same mailbox from asyncio.
+One token's path (docs/architecture.md): `Completion.create` checks every parameter
+(`CompletionParams`); `submit` gets the loaded model (`models.py`), tokenizes the prompt with the
+checkpoint's own tokenizer and hands the request to the model's engine (`engine/loop.py`). The
+engine's loop runs the request's tokens in batches with every other request's, picks each with
+the request's own sampler (`engine/sampling.py`) and leaves it in the request's mailbox. The
+stream (`outputs.py`) turns what it finds there into chunks (whole characters, stop strings held
+back) as it reads; a full response is the same chunks joined. `acreate` reads the same mailbox
+from asyncio.
 """
 
 from __future__ import annotations
@@ -14,20 +15,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ..engine.loop import Handle
-from .models import LoadedModel, get_model
-from .outputs import timeout_error
 from ..params import CompletionParams, signature_of
-from .types import (
-    CompletionOutput,
-    CompletionStreamOutput,
-    CompletionStreamV1Response,
-    CompletionSyncV1Response,
-)
+from .models import LoadedModel, get_model
+from .outputs import AsyncCompletionStream, CompletionStream, Mailbox, OutputBuilder, NoTokens, collect
+from .types import CompletionStreamV1Response, CompletionSyncV1Response
 
 
 class Completion:
@@ -57,7 +52,7 @@ class Completion:
         if request.stream:
             return chunks
         with chunks:
-            return CompletionSyncV1Response(chunks.request_id, collect(request, (r.output for r in chunks)))
+            return CompletionSyncV1Response(chunks.request_id, collect(request, chunks.outputs()))
 
     @staticmethod
     @signature_of(CompletionParams)
@@ -89,9 +84,9 @@ def prepare(request: CompletionParams) -> tuple[LoadedModel, list[int]]:
 
 def submit(
     request: CompletionParams, loaded: LoadedModel | None = None, prompt_ids: list[int] | None = None
-) -> tuple[Handle | None, CompletionParams, float]:
-    """Hand the request to its model's engine; return the handle (None for zero new tokens),
-    the request and its deadline.
+) -> tuple[Handle | NoTokens, CompletionParams, float, OutputBuilder | None]:
+    """Hand the request to its model's engine; return what its stream reads: the engine's handle
+    (an empty one for zero new tokens), the request, its deadline and its output builder.
 
     The clock of `timeout` starts once the model is loaded: loading (or fetching) happens once
     per process, and a first request should not fail for it. Waiting for a free slot does count.
@@ -100,135 +95,6 @@ def submit(
         loaded, prompt_ids = prepare(request)
     deadline = time.monotonic() + request.timeout
     if request.max_new_tokens == 0:
-        return _Empty(len(prompt_ids)), request, deadline
-    return loaded.engine.submit(request, prompt_ids, deadline), request, deadline
-
-
-class _Empty:
-    """What a request for zero new tokens reads: one empty, finished chunk, without the engine."""
-
-    def __init__(self, num_prompt_tokens: int) -> None:
-        self.chunk = CompletionStreamOutput("", True, num_prompt_tokens, 0)
-
-    def abort(self) -> None:
-        pass
-
-
-class _Chunks:
-    """The reading side shared by the sync and async streams: items, errors, timeout, abort."""
-
-    def __init__(self, request_id: str, handle: Handle | _Empty, request: CompletionParams, deadline: float) -> None:
-        self.request_id = request_id
-        self._handle, self._request, self._deadline = handle, request, deadline
-        self._done = False
-        self._count = 0
-        weakref.finalize(self, handle.abort)  # a stream dropped unread stops its request
-
-    def _wrap(self, item: CompletionStreamOutput | BaseException) -> CompletionStreamV1Response:
-        if isinstance(item, BaseException):
-            raise item
-        self._count = item.num_completion_tokens or 0
-        self._done = item.finished
-        return CompletionStreamV1Response(request_id=self.request_id, output=item)
-
-    def _timed_out(self) -> Exception:
-        return timeout_error(self._request, self._count, "generating")
-
-    def _stop(self) -> None:
-        self._done = True
-        self._handle.abort()
-
-
-class CompletionStream(_Chunks):
-    """What `Completion.create(..., stream=True)` gives: `for chunk in stream` (or `next(stream)`).
-
-    Breaking out of the loop, `close()`, or dropping the stream stops the generation at the next
-    step of the engine.
-    """
-
-    def __iter__(self) -> Iterator[CompletionStreamV1Response]:
-        """A fresh generator over the chunks: a `for` loop that breaks drops it, and dropping it
-        stops the request (the engine would otherwise run ahead for a reader who left)."""
-        try:
-            while not self._done:
-                yield next(self)
-        finally:
-            self._stop()
-
-    def __next__(self) -> CompletionStreamV1Response:
-        if self._done:
-            raise StopIteration
-        try:
-            if isinstance(self._handle, _Empty):
-                return self._wrap(self._handle.chunk)
-            try:
-                item = self._handle.mailbox.get(self._deadline)
-            except TimeoutError:
-                raise self._timed_out() from None
-            return self._wrap(item)
-        except BaseException:
-            self._stop()
-            raise
-
-    def close(self) -> None:
-        self._stop()
-
-    def __enter__(self) -> CompletionStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def collect(request: CompletionParams, chunks: Iterable[CompletionStreamOutput]) -> CompletionOutput:
-    """The full response that a stream's chunks add up to."""
-    texts, tokens, last = [], [], None
-    for last in chunks:
-        texts.append(last.text)
-        if last.token is not None:
-            tokens.append(last.token)
-    assert last is not None and last.finished, "a stream that ran to its end has a finished chunk"
-    return CompletionOutput(
-        text="".join(texts),
-        num_prompt_tokens=last.num_prompt_tokens,
-        num_completion_tokens=last.num_completion_tokens or 0,
-        tokens=tokens if request.return_token_log_probs else None,
-    )
-
-
-class AsyncCompletionStream(_Chunks):
-    """What `await Completion.acreate(..., stream=True)` gives: `async for chunk in stream`.
-
-    Dropping it, `aclose()`, or cancelling the task that reads it stops the generation at the
-    next step of the engine.
-    """
-
-    def __aiter__(self) -> AsyncIterator[CompletionStreamV1Response]:
-        """A fresh async generator over the chunks, which stops the request once an `async for`
-        that breaks drops it."""
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[CompletionStreamV1Response]:
-        try:
-            while not self._done:
-                yield await self.__anext__()
-        finally:
-            self._stop()
-
-    async def __anext__(self) -> CompletionStreamV1Response:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            if isinstance(self._handle, _Empty):
-                return self._wrap(self._handle.chunk)
-            try:
-                item = await self._handle.mailbox.aget(self._deadline)
-            except TimeoutError:
-                raise self._timed_out() from None
-            return self._wrap(item)
-        except BaseException:  # an error, a timeout, or the reading task cancelled
-            self._stop()
-            raise
-
-    async def aclose(self) -> None:
-        self._stop()
+        return NoTokens(len(prompt_ids)), request, deadline, None
+    builder = OutputBuilder(request, loaded.tokenizer, loaded.engine.eos_ids, len(prompt_ids))
+    return loaded.engine.submit(request, prompt_ids, deadline, Mailbox()), request, deadline, builder

@@ -14,7 +14,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .completion import CompletionStream, collect, submit
+from .completion import submit
+from .outputs import CompletionStream, collect
 from ..engine.loop import Engine
 from ..errors import InvalidParameterError
 from .models import LoadedModel, get_model
@@ -58,9 +59,9 @@ class LLM:
         request = self._request(prompt, sampling)
         chunks = CompletionStream("", *submit(request, self._loaded, self.tokenizer.encode(request.prompt)))
         if stream:
-            return (response.output for response in chunks)
+            return chunks.outputs()
         with chunks:
-            return collect(request, (response.output for response in chunks))
+            return collect(request, chunks.outputs())
 
     def generate(
         self,
@@ -93,7 +94,7 @@ class LLM:
             chunks = [streams.enter_context(CompletionStream("", *submit(r, self._loaded, ids))) for r, ids in zip(requests, prompt_ids)]
             outputs = []
             for request, stream in zip(requests, _with_progress(chunks, progress)):
-                outputs.append(collect(request, (response.output for response in stream)))
+                outputs.append(collect(request, stream.outputs()))
         return outputs
 
     def _request(self, prompt: str, sampling: dict[str, Any]) -> CompletionParams:
@@ -108,9 +109,9 @@ class LLM:
         self, messages: list[dict[str, str]], stream: bool = False, **sampling: Any
     ) -> CompletionOutput | Iterator[CompletionStreamOutput]:
         """The assistant's answer to `messages` (`{"role", "content"}` dicts), via the checkpoint's chat template."""
-        from .chat import chat
+        from .chat import chat_prompt
 
-        return chat(self, messages, stream=stream, **sampling)
+        return self.complete(chat_prompt(self.tokenizer, messages), stream=stream, **sampling)
 
     def trace(self, prompt: str | list[int], interventions: dict[str, Any] | None = None):
         """One forward pass with every activation kept: hidden states, attentions, logits, logit lens."""

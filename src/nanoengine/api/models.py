@@ -206,7 +206,7 @@ def _load(folder: Path, options: ModelOptions) -> LoadedModel:
     tokenizer = Tokenizer.from_folder(folder)
     model = load_model(folder, dtype=options.dtype, device=options.device)
     # compile=True compiles from the first decode step on, in the background (see compiling.py).
-    engine = Engine(model, tokenizer, options.engine, compile_now=options.compile)
+    engine = Engine(model, options.engine, compile_now=options.compile)
     logger.info(
         "serving %s (%s, %s%s); engine: %d sequences of up to %d tokens, KV cache %.0f MB, prefill chunk %d",
         folder, options.dtype, options.device, ", compiled" if options.compile else "",

@@ -1,12 +1,12 @@
-"""The request side of the output: token ids in, stream chunks out, handed to the reader.
+"""The request side of a completion's output: the engine's token ids in, llmengine's chunks out.
 
-`OutputBuilder` turns one request's tokens into `CompletionStreamOutput` chunks as the contract
-says: whole UTF-8 characters only (the incremental detokenizer), nothing that may still become a
-stop string (`StopChecker`), cumulative counts, `finished` on the last chunk only.
-
-`Mailbox` is where the engine's loop leaves those chunks for the request's reader (a thread
-iterating a stream, an asyncio task, the server). Leaving one never blocks the loop; while a
-reader lags, text-only chunks are merged into one, so what waits stays small.
+The engine's loop leaves each request's sampled tokens in the request's `Mailbox` and goes on;
+the reader (a thread iterating a stream, an asyncio task, the server) takes whatever has arrived
+and turns it into chunks with the request's `OutputBuilder`: whole UTF-8 characters only (the
+incremental detokenizer), nothing that may still become a stop string (`StopChecker`),
+cumulative counts, `finished` on the last chunk only. So detokenizing and stop strings run on
+the reader's thread, never the engine's; a stop string completed here aborts the request in the
+engine, which may have run a step or two further meanwhile (as vLLM's engine core does).
 """
 
 from __future__ import annotations
@@ -15,14 +15,17 @@ import asyncio
 import math
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import replace
 
+from ..engine.loop import Handle, Tokens
 from ..errors import RequestTimeoutError
-from .stopping import StopChecker
 from ..model.tokenizer import IncrementalDetokenizer, Tokenizer
-from .types import CompletionStreamOutput, TokenOutput
 from ..params import CompletionParams
+from .stopping import StopChecker
+from .types import CompletionOutput, CompletionStreamOutput, CompletionStreamV1Response, TokenOutput
 
 
 class OutputBuilder:
@@ -38,7 +41,19 @@ class OutputBuilder:
         self.count = 0
         self.finished = False
 
-    def add(self, token_id: int, logprob: float) -> CompletionStreamOutput:
+    def add(self, tokens: Tokens) -> list[CompletionStreamOutput]:
+        """The chunks for tokens that arrived together: one per token when each carries its
+        log-probability, else one with their text joined. Tokens after the end are dropped."""
+        chunks = []
+        for token_id, logprob in zip(tokens.ids, tokens.logprobs):
+            if self.finished:
+                break
+            chunks.append(self._chunk(token_id, logprob))
+        if self.request.return_token_log_probs or len(chunks) <= 1:
+            return chunks
+        return [replace(chunks[-1], text="".join(c.text for c in chunks))]
+
+    def _chunk(self, token_id: int, logprob: float) -> CompletionStreamOutput:
         """The chunk for the next token; it is the last (`finished`) at an end-of-sequence token,
         at `max_new_tokens`, or when a stop string completes."""
         self.count += 1
@@ -68,15 +83,15 @@ class OutputBuilder:
         return text
 
 
-class ReaderGone(Exception):
-    """The reader's event loop is closed: nobody will read this request's chunks."""
-
-
-Item = CompletionStreamOutput | BaseException
+Item = Tokens | BaseException
 
 
 class Mailbox:
-    """Chunks (or the error that ended the request) from the engine's loop to one reader."""
+    """Tokens (or the error that ended the request) from the engine's loop to one reader.
+
+    Leaving an item never blocks the loop; while the reader lags, tokens gather into one item,
+    so what waits stays small.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,14 +99,11 @@ class Mailbox:
         self._items: deque[Item] = deque()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
 
-    def put(self, item: Item) -> None:
-        """Leave an item, merging text-only chunks while the reader lags; never blocks for long.
-
-        Raises `ReaderGone` when the reader's event loop has closed.
-        """
+    def put(self, item: Item) -> bool:
+        """Leave an item; False when the reader's event loop has closed (nobody will read it)."""
         with self._lock:
-            if self._items and _mergeable(self._items[-1], item):
-                self._items[-1] = _merged(self._items[-1], item)
+            if self._items and isinstance(self._items[-1], Tokens) and isinstance(item, Tokens):
+                self._items[-1] = Tokens(self._items[-1].ids + item.ids, self._items[-1].logprobs + item.logprobs)
             else:
                 self._items.append(item)
             self._ready.notify()
@@ -101,7 +113,8 @@ class Mailbox:
             try:
                 loop.call_soon_threadsafe(_wake, future)
             except RuntimeError:  # the loop is closed
-                raise ReaderGone() from None
+                return False
+        return True
 
     def get(self, deadline: float) -> Item:
         """The next item, waiting at most until `deadline` (time.monotonic()); raises TimeoutError."""
@@ -134,22 +147,151 @@ def _wake(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def _mergeable(old: Item, new: Item) -> bool:
-    """Text-only chunks merge; a chunk carrying a token's log-prob, or an error, stays whole."""
-    return (
-        isinstance(old, CompletionStreamOutput)
-        and isinstance(new, CompletionStreamOutput)
-        and old.token is None
-        and new.token is None
+class NoTokens:
+    """What a request for zero new tokens reads: one empty, finished chunk, without the engine."""
+
+    def __init__(self, num_prompt_tokens: int) -> None:
+        self.chunk = CompletionStreamOutput("", True, num_prompt_tokens, 0)
+
+    def abort(self) -> None:
+        pass
+
+
+class _Chunks:
+    """The reading side shared by the sync and async streams: tokens to chunks, errors, timeout, abort."""
+
+    def __init__(
+        self, request_id: str, handle: Handle | NoTokens, request: CompletionParams, deadline: float, builder: OutputBuilder | None
+    ) -> None:
+        self.request_id = request_id
+        self._handle, self._request, self._deadline, self._builder = handle, request, deadline, builder
+        self._ready: deque[CompletionStreamOutput] = deque([handle.chunk] if isinstance(handle, NoTokens) else [])
+        self._done = False
+        weakref.finalize(self, handle.abort)  # a stream dropped unread stops its request
+
+    def _chunks_of(self, item: Item) -> None:
+        """Turn what the engine left into chunks; a stop string found in them ends the request."""
+        if isinstance(item, BaseException):
+            raise item
+        self._ready.extend(self._builder.add(item))
+        if self._builder.finished:
+            self._handle.abort()  # the engine may not know yet (a stop string); nothing if it has ended
+
+    def _output(self) -> CompletionStreamOutput:
+        chunk = self._ready.popleft()
+        self._done = chunk.finished
+        return chunk
+
+    def _timed_out(self) -> Exception:
+        done = self._builder.count if self._builder is not None else 0
+        return RequestTimeoutError.ran_out(self._request.timeout, done, self._request.max_new_tokens, "generating")
+
+    def _stop(self) -> None:
+        self._done = True
+        self._handle.abort()
+
+
+class CompletionStream(_Chunks):
+    """What `Completion.create(..., stream=True)` gives: `for chunk in stream` (or `next(stream)`).
+
+    Breaking out of the loop, `close()`, or dropping the stream stops the generation at the next
+    step of the engine.
+    """
+
+    def __iter__(self) -> Iterator[CompletionStreamV1Response]:
+        """A fresh generator over the chunks: a `for` loop that breaks drops it, and dropping it
+        stops the request (the engine would otherwise run ahead for a reader who left)."""
+        try:
+            while not self._done:
+                yield next(self)
+        finally:
+            self._stop()
+
+    def outputs(self) -> Iterator[CompletionStreamOutput]:
+        """The chunks themselves, without llmengine's response around each (for `llm.generate`)."""
+        try:
+            while not self._done:
+                yield self.next_output()
+        finally:
+            self._stop()
+
+    def __next__(self) -> CompletionStreamV1Response:
+        return CompletionStreamV1Response(request_id=self.request_id, output=self.next_output())
+
+    def next_output(self) -> CompletionStreamOutput:
+        if self._done:
+            raise StopIteration
+        try:
+            while not self._ready:
+                try:
+                    item = self._handle.mailbox.get(self._deadline)
+                except TimeoutError:
+                    raise self._timed_out() from None
+                self._chunks_of(item)
+            return self._output()
+        except BaseException:
+            self._stop()
+            raise
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> CompletionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def collect(request: CompletionParams, chunks: Iterable[CompletionStreamOutput]) -> CompletionOutput:
+    """The full response that a stream's chunks add up to."""
+    texts, tokens, last = [], [], None
+    for last in chunks:
+        texts.append(last.text)
+        if last.token is not None:
+            tokens.append(last.token)
+    assert last is not None and last.finished, "a stream that ran to its end has a finished chunk"
+    return CompletionOutput(
+        text="".join(texts),
+        num_prompt_tokens=last.num_prompt_tokens,
+        num_completion_tokens=last.num_completion_tokens or 0,
+        tokens=tokens if request.return_token_log_probs else None,
     )
 
 
-def _merged(old: CompletionStreamOutput, new: CompletionStreamOutput) -> CompletionStreamOutput:
-    return replace(new, text=old.text + new.text)
+class AsyncCompletionStream(_Chunks):
+    """What `await Completion.acreate(..., stream=True)` gives: `async for chunk in stream`.
 
+    Dropping it, `aclose()`, or cancelling the task that reads it stops the generation at the
+    next step of the engine.
+    """
 
-def timeout_error(request: CompletionParams, done: int, doing: str) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        f"the request ran past its timeout of {request.timeout:g} s while {doing} "
-        f"({done} of {request.max_new_tokens} tokens generated)"
-    )
+    def __aiter__(self) -> AsyncIterator[CompletionStreamV1Response]:
+        """A fresh async generator over the chunks, which stops the request once an `async for`
+        that breaks drops it."""
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[CompletionStreamV1Response]:
+        try:
+            while not self._done:
+                yield await self.__anext__()
+        finally:
+            self._stop()
+
+    async def __anext__(self) -> CompletionStreamV1Response:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            while not self._ready:
+                try:
+                    item = await self._handle.mailbox.aget(self._deadline)
+                except TimeoutError:
+                    raise self._timed_out() from None
+                self._chunks_of(item)
+            return CompletionStreamV1Response(request_id=self.request_id, output=self._output())
+        except BaseException:  # an error, a timeout, or the reading task cancelled
+            self._stop()
+            raise
+
+    async def aclose(self) -> None:
+        self._stop()

@@ -94,8 +94,8 @@ def add_complete(commands: argparse._SubParsersAction) -> None:
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
-    from ..server.app import DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS, DEFAULT_PORT, DEFAULT_RECEIVE_TIMEOUT
-    from ..server.app import DEFAULT_REQUEST_TIMEOUT
+    from ..server.app import DEFAULT_HOST, DEFAULT_PORT
+    from ..server.common import DEFAULT_MAX_CONNECTIONS, DEFAULT_RECEIVE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
 
     serve = commands.add_parser(
         "serve",
@@ -241,7 +241,8 @@ def configure_engine(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..server.app import ServerSettings, preload, serve, served_models
+    from ..server.app import preload, serve
+    from ..server.common import ServerSettings, served_models
 
     check.configure_model_options(args)
     configure_engine(args)

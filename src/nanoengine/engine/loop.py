@@ -6,11 +6,13 @@ Requests are added (`submit`) and aborted from any thread. Each step of the loop
 2. runs one decode token for every decoding sequence, as one batch (`runner.decode`);
 3. prefills new prompts, or the next chunk of a long one, under a per-step token budget
    (`runner.prefill`), so a long prompt delays the others' next token by one chunk at most;
-4. samples each row with its own request's parameters (`sampling.sample`), turns the tokens
-   into chunks (`outputs.OutputBuilder`) and leaves them in each request's `Mailbox`;
-5. frees the rows of the sequences that finished.
+4. samples each row with its own request's parameters (`sampling.sample`) and leaves the token
+   in the request's outbox (`Tokens`);
+5. frees the rows of the sequences that finished: at an end-of-sequence token or at
+   `max_new_tokens`. Stop strings are the request side's to find (`api/outputs.py`): it
+   detokenizes on the reader's thread and aborts the request when one completes.
 
-The loop never waits for a reader: a slow one finds its text merged into one chunk.
+The loop never waits for a reader: a slow one finds its tokens merged into one item.
 """
 
 from __future__ import annotations
@@ -20,18 +22,17 @@ import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .compiling import COMPILE_AFTER_TOKENS, BackgroundCompile
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, RequestTimeoutError
 from ..model.decoder import CausalLM
-from ..api.outputs import Mailbox, OutputBuilder, ReaderGone, timeout_error
 from .runner import ModelRunner
-from .sampling import Sampler, sample
+from .sampling import Sampler, SamplingParams, sample
 from .scheduler import PrefillBatch, Scheduler, Sequence
-from ..model.tokenizer import Tokenizer
 from ..params import CompletionParams
 
 logger = logging.getLogger(__name__)
@@ -51,21 +52,37 @@ class EngineSettings:
     background_compile: bool = True
 
 
+@dataclass
+class Tokens:
+    """What the loop hands a request's reader: the tokens sampled since its last read, each with
+    its log-probability under the model."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class Outbox(Protocol):
+    """Where the loop leaves a request's `Tokens` (or the error that ended it) for its reader."""
+
+    def put(self, item: Tokens | BaseException) -> bool:
+        """Leave `item` without blocking; False when nobody will ever read it."""
+        ...
+
+
 @dataclass(eq=False)
 class RequestState:
     """What the loop keeps per request beside its `Sequence`."""
 
     request: CompletionParams
     sampler: Sampler
-    output: OutputBuilder
-    mailbox: Mailbox
+    mailbox: Outbox
 
 
 class Handle:
     """The reader's side of a submitted request: its mailbox, and a way to abort it."""
 
     def __init__(self, engine: Engine, seq: Sequence) -> None:
-        self.mailbox: Mailbox = seq.state.mailbox
+        self.mailbox = seq.state.mailbox
         self.request: CompletionParams = seq.state.request
         self.deadline = seq.deadline
         self._abort = lambda: engine.abort(seq)
@@ -78,10 +95,8 @@ class Handle:
 class Engine:
     """The loop that owns `model`; see the module's docstring."""
 
-    def __init__(
-        self, model: CausalLM, tokenizer: Tokenizer, settings: EngineSettings, compile_now: bool = False
-    ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: CausalLM, settings: EngineSettings, compile_now: bool = False) -> None:
+        self.model = model
         self.max_seq_len = min(settings.max_seq_len, model.config.max_position_embeddings)
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
@@ -116,17 +131,11 @@ class Engine:
                 f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds {limit}"
             )
 
-    def submit(self, request: CompletionParams, prompt_ids: list[int], deadline: float) -> Handle:
-        """Queue a request (checked, tokenized); its chunks arrive in the handle's mailbox."""
+    def submit(self, request: CompletionParams, prompt_ids: list[int], deadline: float, mailbox: Outbox) -> Handle:
+        """Queue a request (checked, tokenized); its tokens arrive in `mailbox`."""
         self.check_length(len(prompt_ids), request.max_new_tokens)
-        device = self.runner.device
-        state = RequestState(
-            request,
-            Sampler(request.sampling, self.model.config.vocab_size, device),
-            OutputBuilder(request, self.tokenizer, self.eos_ids, len(prompt_ids)),
-            Mailbox(),
-        )
-        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, state)
+        sampler = Sampler(SamplingParams.of(request), self.model.config.vocab_size, self.runner.device)
+        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, RequestState(request, sampler, mailbox))
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine has stopped (the interpreter is exiting)")
@@ -206,19 +215,15 @@ class Engine:
             self._sampled([batch.sequences[b] for b in done], logits[done])
 
     def _sampled(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample a token for each row, hand out its chunk, and free the rows that finished."""
+        """Sample a token for each row, hand it out, and free the rows that finished."""
         tokens, logprobs = sample([seq.state.sampler for seq in rows], logits)
         for seq, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             seq.next_token, seq.generated = token, seq.generated + 1
-            chunk = seq.state.output.add(token, logprob)
-            self._deliver(seq, chunk, finished=chunk.finished)
+            finished = token in self.eos_ids or seq.generated == seq.max_new_tokens
+            self._deliver(seq, Tokens([token], [logprob]), finished)
 
-    def _deliver(self, seq: Sequence, item, finished: bool) -> None:
-        try:
-            seq.state.mailbox.put(item)
-        except ReaderGone:
-            finished = True
-        if finished:
+    def _deliver(self, seq: Sequence, item: Tokens | BaseException, finished: bool) -> None:
+        if not seq.state.mailbox.put(item) or finished:  # nobody reads it any more, or it is done
             self.scheduler.remove(seq)
 
     def _drop_aborted_and_late(self) -> None:
@@ -228,7 +233,8 @@ class Engine:
                 self.scheduler.remove(seq)
             elif now >= seq.deadline:
                 doing = "generating" if seq.prefilled else "waiting for the model"
-                self._deliver(seq, timeout_error(seq.state.request, seq.generated, doing), finished=True)
+                late = RequestTimeoutError.ran_out(seq.state.request.timeout, seq.generated, seq.max_new_tokens, doing)
+                self._deliver(seq, late, finished=True)
 
     def _fail_all(self, err: BaseException) -> None:
         with self._wake:
@@ -236,10 +242,7 @@ class Engine:
         for seq in pending:
             if seq in self.scheduler:
                 self.scheduler.remove(seq)
-            try:
-                seq.state.mailbox.put(err)
-            except ReaderGone:
-                pass
+            seq.state.mailbox.put(err)
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..params import check
+from ..params import CompletionParams, check
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "seed"):
             check(name, getattr(self, name))  # the ranges are the completion parameters' own
+
+    @classmethod
+    def of(cls, request: CompletionParams) -> SamplingParams:
+        """A completion's way of picking tokens."""
+        r = request
+        return cls(r.temperature, r.top_k, r.top_p, r.presence_penalty, r.frequency_penalty, r.seed)
 
     @property
     def greedy(self) -> bool:

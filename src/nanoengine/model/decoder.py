@@ -15,6 +15,7 @@ smaller weights buy is memory traffic, which is what a one-token decode step is 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -365,10 +366,25 @@ class Decoder(nn.Module):
         return cache.causal_mask(input_pos) if cache is not None else None  # (B, 1, T, L)
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Where a family keeps the parts that research tools hook, as module paths: the layers, and
+    inside a layer its attention and MLP and the modules whose outputs are added to the residual
+    stream; the final norm."""
+
+    layers: str
+    attention: str
+    mlp: str
+    attention_added: str
+    mlp_added: str
+    final_norm: str
+
+
 class CausalLM(nn.Module):
     """Decoder plus output head: token ids in, next-token logits out."""
 
     decoder_class = Decoder
+    parts = Parts("model.layers", "self_attn", "mlp", "self_attn", "mlp", "model.norm")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -434,4 +450,8 @@ class CausalLM(nn.Module):
         if last_only:
             # Generation only needs the next token: skip the head on every other position.
             x = x[:, -1:, :]  # (B, 1, C)
-        return self.lm_head(x)  # (B, T, V)
+        return self.logits_of(x)  # (B, T, V)
+
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final-normed hidden states (..., C) -> logits (..., V)."""
+        return self.lm_head(hidden)

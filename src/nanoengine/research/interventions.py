@@ -30,7 +30,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -60,12 +60,7 @@ class Layout:
         sizes = dict(
             num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads, head_dim=config.head_dim
         )
-        if hasattr(model, "transformer"):  # GPT-2
-            return cls("transformer.h", "attn", "mlp", "attn", "mlp", "transformer.ln_f", **sizes)
-        post_norms = hasattr(model.model.layers[0], "post_feedforward_layernorm")  # Gemma 3
-        attention_added = "post_attention_layernorm" if post_norms else "self_attn"
-        mlp_added = "post_feedforward_layernorm" if post_norms else "mlp"
-        return cls("model.layers", "self_attn", "mlp", attention_added, mlp_added, "model.norm", **sizes)
+        return cls(**asdict(model.parts), **sizes)  # each family says where its parts are
 
     def layer(self, i: int, part: str = "") -> str:
         """The point name of layer i (its residual output), or of one of its parts."""

@@ -27,12 +27,9 @@ __all__ = ["LogitLens", "Trace", "ablate_heads", "intervene", "trace", "unembed"
 
 
 def unembed(model: nn.Module, residual: torch.Tensor) -> torch.Tensor:
-    """Logits from a residual stream (..., hidden): the final norm, the head, and Gemma's soft-cap."""
-    layout = Layout.of(model)
-    norm = dict(model.named_modules())[layout.final_norm]
-    logits = model.lm_head(norm(residual))
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+    """Logits from a residual stream (..., hidden): the final norm and the family's own head."""
+    norm = dict(model.named_modules())[Layout.of(model).final_norm]
+    return model.logits_of(norm(residual))
 
 
 @dataclass(frozen=True, repr=False)

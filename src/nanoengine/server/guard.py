@@ -114,84 +114,92 @@ def connection_limits(receive_timeout: float, configured: int) -> ConnectionLimi
 def guarded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a receipt deadline and a connection cap (see the module's doc)."""
     cap = limits.max_connections
-    timeouts = ThrottledLog(f"closed connections that sent no whole request within {limits.receive_timeout:g} s")
-    evictions = ThrottledLog(f"closed connections still waiting for a request, to stay within {cap} open")
-    refusals = ThrottledLog(f"refused connections: all {cap} open ones are being answered", level=logging.WARNING)
+    logs = {
+        "timeouts": ThrottledLog(f"closed connections that sent no whole request within {limits.receive_timeout:g} s"),
+        "evictions": ThrottledLog(f"closed connections still waiting for a request, to stay within {cap} open"),
+        "refusals": ThrottledLog(f"refused connections: all {cap} open ones are being answered", level=logging.WARNING),
+    }
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits, **logs})
 
-    class GuardedH11Protocol(H11Protocol):
-        refused = False
-        receipt_deadline: asyncio.TimerHandle | None = None
-        waiting_since: float | None = None  # while the connection waits for (the rest of) a request
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            if len(self.connections) >= limits.max_connections and not self.evict_the_longest_waiting():
-                self.refused = True
-                refusals.record(peer(transport))
-                transport.write(plain_response(503, "the server has too many open connections; try again later"))
-                transport.close()
-                return
-            super().connection_made(transport)
-            self.waiting_since = time.monotonic()
-            self.arm_receipt_deadline()
+class GuardedH11Protocol(H11Protocol):
+    """The protocol's behaviour; `guarded_protocol` makes the class for one server's limits."""
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.disarm_receipt_deadline()
-            if not self.refused:
-                super().connection_lost(exc)
+    limits: ConnectionLimits
+    timeouts: ThrottledLog
+    evictions: ThrottledLog
+    refusals: ThrottledLog
+    refused = False
+    receipt_deadline: asyncio.TimerHandle | None = None
+    waiting_since: float | None = None  # while the connection waits for (the rest of) a request
 
-        def data_received(self, data: bytes) -> None:
-            if self.conn.their_state in RECEIVING and self.receipt_deadline is None:
-                self.arm_receipt_deadline()  # the first byte of a further request on this connection
-            super().data_received(data)
-            if self.conn.their_state not in RECEIVING:  # whole: the answer may take as long as it takes
-                self.disarm_receipt_deadline()
-                self.waiting_since = None
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections and not self.evict_the_longest_waiting():
+            self.refused = True
+            self.refusals.record(peer(transport))
+            transport.write(plain_response(503, "the server has too many open connections; try again later"))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self.waiting_since = time.monotonic()
+        self.arm_receipt_deadline()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()  # may go on with a request that came pipelined
-            if not self.transport.is_closing() and self.conn.their_state in RECEIVING:
-                self.waiting_since = time.monotonic()  # idle until the next request: evictable
-                if self.conn.their_state == h11.SEND_BODY and self.receipt_deadline is None:
-                    self.arm_receipt_deadline()
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disarm_receipt_deadline()
+        if not self.refused:
+            super().connection_lost(exc)
 
-        def arm_receipt_deadline(self) -> None:
-            self.receipt_deadline = self.loop.call_later(limits.receive_timeout, self.receipt_too_late)
-
-        def disarm_receipt_deadline(self) -> None:
-            if self.receipt_deadline is not None:
-                self.receipt_deadline.cancel()
-                self.receipt_deadline = None
-
-        def receipt_too_late(self) -> None:
-            self.receipt_deadline = None
-            timeouts.record(peer(self.transport))
-            self.close_unanswered(408, f"the request was not received within {limits.receive_timeout:g} s")
-
-        def evict_the_longest_waiting(self) -> bool:
-            waiting = [c for c in self.connections if getattr(c, "waiting_since", None) is not None]
-            if not waiting:
-                return False
-            oldest = min(waiting, key=lambda c: c.waiting_since)
-            evictions.record(peer(oldest.transport))
-            oldest.close_unanswered(503, "the server has too many open connections; try again later")
-            return True
-
-        def close_unanswered(self, status: int, reason: str) -> None:
-            """Answer `status` unless an answer has begun, and close: its application sees a disconnect."""
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state in RECEIVING and self.receipt_deadline is None:
+            self.arm_receipt_deadline()  # the first byte of a further request on this connection
+        super().data_received(data)
+        if self.conn.their_state not in RECEIVING:  # whole: the answer may take as long as it takes
             self.disarm_receipt_deadline()
             self.waiting_since = None
-            self.connections.discard(self)  # counted out now; the transport closes on the next turn
-            cycle = self.cycle if self.conn.their_state == h11.SEND_BODY else None  # an app awaiting the body
-            if cycle is not None:
-                cycle.scope.setdefault("state", {})[CLOSED_BY_SERVER] = reason  # type: ignore[typeddict-unknown-key]
-                cycle.disconnected = True
-                cycle.message_event.set()
-            if not self.transport.is_closing():
-                if cycle is None or not cycle.response_started:
-                    self.transport.write(plain_response(status, reason))
-                self.transport.close()
 
-    return GuardedH11Protocol
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may go on with a request that came pipelined
+        if not self.transport.is_closing() and self.conn.their_state in RECEIVING:
+            self.waiting_since = time.monotonic()  # idle until the next request: evictable
+            if self.conn.their_state == h11.SEND_BODY and self.receipt_deadline is None:
+                self.arm_receipt_deadline()
+
+    def arm_receipt_deadline(self) -> None:
+        self.receipt_deadline = self.loop.call_later(self.limits.receive_timeout, self.receipt_too_late)
+
+    def disarm_receipt_deadline(self) -> None:
+        if self.receipt_deadline is not None:
+            self.receipt_deadline.cancel()
+            self.receipt_deadline = None
+
+    def receipt_too_late(self) -> None:
+        self.receipt_deadline = None
+        self.timeouts.record(peer(self.transport))
+        self.close_unanswered(408, f"the request was not received within {self.limits.receive_timeout:g} s")
+
+    def evict_the_longest_waiting(self) -> bool:
+        waiting = [c for c in self.connections if getattr(c, "waiting_since", None) is not None]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c.waiting_since)
+        self.evictions.record(peer(oldest.transport))
+        oldest.close_unanswered(503, "the server has too many open connections; try again later")
+        return True
+
+    def close_unanswered(self, status: int, reason: str) -> None:
+        """Answer `status` unless an answer has begun, and close: its application sees a disconnect."""
+        self.disarm_receipt_deadline()
+        self.waiting_since = None
+        self.connections.discard(self)  # counted out now; the transport closes on the next turn
+        cycle = self.cycle if self.conn.their_state == h11.SEND_BODY else None  # an app awaiting the body
+        if cycle is not None:
+            cycle.scope.setdefault("state", {})[CLOSED_BY_SERVER] = reason  # type: ignore[typeddict-unknown-key]
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not self.transport.is_closing():
+            if cycle is None or not cycle.response_started:
+                self.transport.write(plain_response(status, reason))
+            self.transport.close()
 
 
 def peer(transport: asyncio.BaseTransport) -> str:

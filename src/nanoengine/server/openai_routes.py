@@ -6,13 +6,12 @@
 engine batches. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and
 the server's API key is expected as `Authorization: Bearer KEY`.
 
-Imported only by `server.create_app`, once FastAPI is known to be installed.
+Imported only by `app.create_app`, once FastAPI is known to be installed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -20,8 +19,9 @@ from fastapi.responses import JSONResponse
 
 from ..api.completion import AsyncCompletionStream
 from .openai_schema import OpenAIError, OpenAIJob, as_openai_error
-from .app import (
-    ClientGone, InFlight, RequestRecord, ServerSettings, event_stream_response_class, read_json, unless_disconnected,
+from .common import (
+    ClientGone, InFlight, RequestRecord, ServerSettings, event_stream_response_class, key_matches, read_json,
+    unless_disconnected,
 )  # fmt: skip
 
 
@@ -85,11 +85,9 @@ def openai_router(settings: ServerSettings, in_flight: InFlight) -> APIRouter:
 
 def check_bearer(request: Request, api_key: str | None) -> None:
     """401 unless the key comes as `Authorization: Bearer KEY` (or header `x-api-key`)."""
-    if api_key is None:
-        return
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
     offered = [credentials.strip() if scheme.lower() == "bearer" else "", request.headers.get("x-api-key", "")]
-    if not any(secrets.compare_digest(key.encode(), api_key.encode()) for key in offered):
+    if not key_matches(offered, api_key):
         raise OpenAIError(401, "a valid API key is required: Authorization: Bearer KEY", code="invalid_api_key")
 
 

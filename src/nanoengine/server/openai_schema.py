@@ -21,7 +21,7 @@ from ..api.chat import chat_prompt
 from ..api.completion import AsyncCompletionStream, Completion
 from ..errors import CheckpointError, InvalidParameterError, UnknownModelError
 from ..api.models import get_model
-from .app import ApiError, RequestRecord
+from .common import ApiError, RequestRecord
 from ..api.types import CompletionOutput, CompletionStreamOutput, TokenOutput
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the sequence's end

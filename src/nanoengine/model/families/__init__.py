@@ -1,8 +1,8 @@
 """Model families: what each `config.json` `model_type` is built from.
 
-The Llama family is `model.py` itself. Every other family is a small module of its own that
-subclasses the Llama pieces and changes only what differs, so that a reader sees at a glance
-what makes, say, Qwen2 differ from Llama.
+One module per family, each naming its `model_type` and its config and model classes. Llama
+(`llama.py`) is the decoder itself; every other family subclasses its pieces and changes only
+what differs, so that a reader sees at a glance what makes, say, Qwen2 differ from Llama.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import ModelConfig, read_config
 from ...errors import CheckpointError
 from ..decoder import CausalLM
-from . import gemma3, gpt2, mistral, qwen2
+from . import gemma3, gpt2, llama, mistral, qwen2
 
 
 @dataclass(frozen=True)
@@ -22,13 +22,7 @@ class Family:
     model_class: type[CausalLM]
 
 
-FAMILIES: dict[str, Family] = {
-    "llama": Family(ModelConfig, CausalLM),
-    "qwen2": Family(qwen2.Qwen2Config, qwen2.Qwen2ForCausalLM),
-    "mistral": Family(mistral.MistralConfig, mistral.MistralForCausalLM),
-    "gemma3_text": Family(gemma3.Gemma3Config, gemma3.Gemma3ForCausalLM),
-    "gpt2": Family(gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
-}
+FAMILIES: dict[str, Family] = {m.MODEL_TYPE: Family(m.CONFIG, m.MODEL) for m in (llama, qwen2, mistral, gemma3, gpt2)}
 
 
 def family(model_type: str | None) -> Family:

@@ -27,6 +27,7 @@ from ..decoder import (
     Decoder,
     DecoderLayer,
     KVCache,
+    Parts,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
@@ -151,8 +152,15 @@ class Gemma3Decoder(Decoder):
 
 class Gemma3ForCausalLM(CausalLM):
     decoder_class = Gemma3Decoder
+    # The layer's sublayers reach the residual stream through their own post-norms.
+    parts = Parts("model.layers", "self_attn", "mlp", "post_attention_layernorm", "post_feedforward_layernorm", "model.norm")
 
-    def _forward(self, input_ids, input_pos, cache, last_only) -> torch.Tensor:
-        logits = super()._forward(input_ids, input_pos, cache, last_only)  # (B, T, V)
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)  # (..., V)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+MODEL_TYPE = "gemma3_text"  # config.json's model_type
+CONFIG = Gemma3Config
+MODEL = Gemma3ForCausalLM

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ...errors import CheckpointError
-from ..decoder import CausalLM, HookPoint, KVCache, Linear, attend
+from ..decoder import CausalLM, HookPoint, KVCache, Linear, Parts, attend
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # name -> F.gelu approximate
 
@@ -137,6 +137,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
+    parts = Parts("transformer.h", "attn", "mlp", "attn", "mlp", "transformer.ln_f")
     """GPT-2 behind the same interface as every other family (see `CausalLM.forward`)."""
 
     def __init__(self, config: GPT2Config) -> None:
@@ -163,3 +164,8 @@ class GPT2LMHeadModel(CausalLM):
         if last_only:
             x = x[:, -1:, :]  # (B, 1, C)
         return self.lm_head(x)  # (B, T, V)
+
+
+MODEL_TYPE = "gpt2"  # config.json's model_type
+CONFIG = GPT2Config
+MODEL = GPT2LMHeadModel

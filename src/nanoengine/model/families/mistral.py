@@ -39,3 +39,8 @@ class MistralDecoder(Decoder):
 
 class MistralForCausalLM(CausalLM):
     decoder_class = MistralDecoder
+
+
+MODEL_TYPE = "mistral"  # config.json's model_type
+CONFIG = MistralConfig
+MODEL = MistralForCausalLM

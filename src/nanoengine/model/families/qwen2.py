@@ -35,3 +35,8 @@ class Qwen2Decoder(Decoder):
 
 class Qwen2ForCausalLM(CausalLM):
     decoder_class = Qwen2Decoder
+
+
+MODEL_TYPE = "qwen2"  # config.json's model_type
+CONFIG = Qwen2Config
+MODEL = Qwen2ForCausalLM
