@@ -146,7 +146,7 @@ def test_seeded_sampling_with_mixed_parameters_is_the_same_batched_or_solo(smoll
     handles = [submit(engine, r, ids, time.monotonic() + 600) for r, ids in zip(requests, real_prompts)]
     results = [read(h) for h in handles]
     for r, ids, got in zip(requests, real_prompts, results):
-        assert_same(got, solo(smollm2.model, smollm2.tokenizer, ids, 12, r.sampling))
+        assert_same(got, solo(smollm2.model, smollm2.tokenizer, ids, 12, SamplingParams.of(r)))
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "gemma3", "gpt2"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 LOADED_ONLY_WHEN_USED = ("gguf", "nanoengine.weights.convert", "nanoengine.weights.convert_gemma", "nanoengine.weights.convert_common",
+                         "nanoengine.server.app", "nanoengine.server.common", "nanoengine.research.plots",
                          "fastapi", "uvicorn", "jinja2", "transformers", "matplotlib")  # fmt: skip
 
 
