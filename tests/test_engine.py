@@ -160,6 +160,32 @@ def test_every_family_batched_equals_solo_past_the_sliding_window(family_folder,
         assert_same(read(handle), solo(model, tokenizer, ids, 30))
 
 
+class PaddedEagerSteps:
+    """A stand-in for the compiler whose "compiled" step is the model's own eager forward: the
+    runner pads every decode step's rows up to its bucket exactly as for a compiled one."""
+
+    def __init__(self, model) -> None:
+        self.model, self.decoded, self.padded = model, 0, []
+
+    def step_for(self, rows: int, length: int):
+        self.padded.append(rows)
+        return self.model
+
+
+def test_every_family_padded_to_row_buckets_equals_solo(family_folder, engine_for):
+    """Five rows decoding beside a half-prefilled prompt (whose row a padding row writes into),
+    joining and leaving, each step's rows padded up to 1, 2, 4 or 8."""
+    model, tokenizer = load_model(family_folder), Tokenizer.from_folder(family_folder)
+    engine = engine_for(model, tokenizer, max_batch_size=8, prefill_chunk=16)
+    engine.runner.compiler = steps = PaddedEagerSteps(model)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (5, 9, 23, 12, 70)]
+    handles = [engine.submit(request(12 + 4 * i), ids, time.monotonic() + 600) for i, ids in enumerate(prompts)]
+    for i, (ids, handle) in enumerate(zip(prompts, handles)):
+        assert_same(read(handle), solo(model, tokenizer, ids, 12 + 4 * i))
+    assert set(steps.padded) <= {1, 2, 4, 8} and sum(steps.padded) > steps.decoded  # some steps were padded
+
+
 # --- Requests joining and leaving mid-flight -------------------------------------------------
 
 
@@ -353,13 +379,17 @@ def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_out
     compiler.after_tokens = 0  # start at the first decode step
     deadline = time.monotonic() + 900
     assert_same(read(engine.submit(request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
-    assert wait_until(lambda: 256 in compiler.compiled, seconds=900), "the background compile did not finish"
+    assert wait_until(lambda: (1, 256) in compiler.compiled, seconds=900), "the background compile did not finish"
     calls = []
-    compiled = compiler.compiled[256]
-    compiler.compiled[256] = lambda *args: calls.append(1) or compiled(*args)
-    for ids, expected in zip(prompts, eager):  # one row: the compiled step
+    for shape in [(1, 256), (4, 256)]:
+        compiler.ask(shape)
+        assert wait_until(lambda: shape in compiler.compiled, seconds=900), f"compiling {shape} did not finish"
+        compiled = compiler.compiled[shape]
+        compiler.compiled[shape] = lambda *args, step=compiled, rows=shape[0]: calls.append(rows) or step(*args)
+    for ids, expected in zip(prompts, eager):  # one row: the compiled one-token step
         assert_same(read(engine.submit(request(24), ids, deadline)), expected)
-    assert len(calls) == 3 * 23
-    handles = [engine.submit(request(24), ids, deadline) for ids in prompts]  # several rows: eager
+    assert calls == [1] * 3 * 23
+    handles = [engine.submit(request(24), ids, deadline) for ids in prompts]  # three rows, padded to four
     for handle, expected in zip(handles, eager):
         assert_same(read(handle), expected)
+    assert 4 in calls

@@ -86,7 +86,7 @@ class Engine:
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.compiler = None
-        if (settings.background_compile or compile_now) and model.decode_step is None:
+        if settings.background_compile or compile_now:
             self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
         self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len, self.compiler)
         self.scheduler = Scheduler(settings.max_batch_size, min(settings.prefill_chunk, self.max_seq_len), self.runner.move_row)
@@ -186,7 +186,7 @@ class Engine:
         self._drop_aborted_and_late()
         if self.scheduler.decoding:
             rows = list(self.scheduler.decoding)
-            logits = self.runner.decode(rows)  # (B, V)
+            logits = self.runner.decode(rows, self.scheduler.next_row_pos)  # (B, V)
             self.steps += 1
             for seq in rows:
                 seq.pos += 1

@@ -79,6 +79,13 @@ class Scheduler:
     def running(self) -> int:
         return len(self.decoding) + (self.partial is not None)
 
+    @property
+    def next_row_pos(self) -> int:
+        """Where the row after the decoding ones writes next: the half-prefilled prompt's next
+        position, or 0 when the row is free (a padded decode step may write there: see
+        `ModelRunner.decode`)."""
+        return self.partial.pos if self.partial is not None else 0
+
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out, wherever it is, keeping the rows contiguous."""
         if seq is self.partial:
