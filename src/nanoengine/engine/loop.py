@@ -37,6 +37,8 @@ from ..api.validation import CompletionRequest
 logger = logging.getLogger(__name__)
 
 EXIT_JOIN_SECONDS = 10.0  # at interpreter exit, how long to wait for a loop to leave torch
+OFFLINE_ROWS = 32  # rows of the KV pool offline work may fill (`scheduler.py`), beyond max_batch_size
+OFFLINE_CHUNK = 2048  # prompt tokens prefilled per step while no live sequence waits on the engine
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,11 @@ class Engine:
         self.compiler = None
         if settings.background_compile or compile_now:
             self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
-        self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len, self.compiler)
-        self.scheduler = Scheduler(settings.max_batch_size, min(settings.prefill_chunk, self.max_seq_len), self.runner.move_row)
+        pool_rows = max(settings.max_batch_size, OFFLINE_ROWS)  # lazily zeroed: rows cost memory once used
+        self.runner = ModelRunner(model, pool_rows, self.max_seq_len, self.compiler)
+        chunk = min(settings.prefill_chunk, self.max_seq_len)
+        offline_chunk = min(max(chunk, OFFLINE_CHUNK), self.max_seq_len)
+        self.scheduler = Scheduler(settings.max_batch_size, chunk, self.runner.move_row, pool_rows, offline_chunk)
         self.steps = 0  # forward passes run, for tests and statistics
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
@@ -116,8 +121,9 @@ class Engine:
                 f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds {limit}"
             )
 
-    def submit(self, request: CompletionRequest, prompt_ids: list[int], deadline: float) -> Handle:
-        """Queue a request (checked, tokenized); its chunks arrive in the handle's mailbox."""
+    def submit(self, request: CompletionRequest, prompt_ids: list[int], deadline: float, live: bool = True) -> Handle:
+        """Queue a request (checked, tokenized); its chunks arrive in the handle's mailbox.
+        `live=False` marks offline batch work, run at full width (`scheduler.py`)."""
         self.check_length(len(prompt_ids), request.max_new_tokens)
         device = self.runner.device
         state = RequestState(
@@ -126,7 +132,7 @@ class Engine:
             OutputBuilder(request, self.tokenizer, self.eos_ids, len(prompt_ids)),
             Mailbox(),
         )
-        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, state)
+        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, state, live=live)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine has stopped (the interpreter is exiting)")

@@ -1,0 +1,137 @@
+"""Many prompts through the engine as offline work, for `llm.generate`.
+
+The requests are checked and tokenized before any work, then fed to the engine as offline work
+(`scheduler.py`: full-width steps) through a bounded window, longest prompts first, so that
+prompts of similar lengths prefill together and thousands of prompts never sit in the engine at
+once. Each in-flight request is read by an asyncio task on a thread of our own (the caller may
+be inside an event loop, a notebook's); results come out in the order they finish, and closing
+the iterator cancels the tasks, which stops their requests at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+from .completion import AsyncCompletionStream, collect, submit
+from .models import LoadedModel
+from .types import CompletionOutput
+from .validation import CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+WINDOW_PER_ROW = 2  # requests in flight per row of the engine's pool: the next ones are queued, ready
+_DONE = object()
+
+
+def run_batch(
+    loaded: LoadedModel, requests: list[CompletionRequest], prompt_ids: list[list[int]]
+) -> Iterator[tuple[int, CompletionOutput]]:
+    """(index, output) of every request, as each finishes; an error ends the iteration with it."""
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    batch = _Batch(loaded, requests, prompt_ids, results)
+    batch.thread.start()
+    try:
+        for _ in range(len(requests)):
+            item = results.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        batch.cancel()
+        batch.thread.join()
+
+
+class _Batch:
+    """The reading thread: an event loop that keeps the window full and reports each result."""
+
+    def __init__(self, loaded, requests, prompt_ids, results: queue.SimpleQueue) -> None:
+        self.loaded, self.requests, self.prompt_ids, self.results = loaded, requests, prompt_ids, results
+        self.window = WINDOW_PER_ROW * loaded.engine.scheduler.pool_rows
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.main: asyncio.Task | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="nanoengine-generate", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._all())
+        except asyncio.CancelledError:
+            pass
+        except BaseException as err:  # handed to the caller's thread
+            self.results.put(err)
+        finally:
+            self.ready.set()
+
+    def cancel(self) -> None:
+        """Stop what is still running (nothing, once every result is in)."""
+        self.ready.wait()
+        if self.main is not None and not self.main.done():
+            try:
+                self.loop.call_soon_threadsafe(self.main.cancel)
+            except RuntimeError:  # the loop has just closed: nothing left to stop
+                pass
+
+    async def _all(self) -> None:
+        self.loop, self.main = asyncio.get_running_loop(), asyncio.current_task()
+        self.ready.set()
+        room = asyncio.Semaphore(self.window)
+        order = sorted(range(len(self.requests)), key=lambda i: -len(self.prompt_ids[i]))
+        tasks = []
+        try:
+            for index in order:
+                await room.acquire()
+                tasks.append(asyncio.ensure_future(self._one(index, room)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, index: int, room: asyncio.Semaphore) -> None:
+        try:
+            request, ids = self.requests[index], self.prompt_ids[index]
+            if request.max_new_tokens == 0:
+                handle, _, deadline = submit(request, self.loaded, ids)
+            else:
+                deadline = time.monotonic() + request.timeout
+                handle = self.loaded.engine.submit(request, ids, deadline, live=False)
+            stream = AsyncCompletionStream("", handle, request, deadline)
+            chunks = [response.output async for response in stream]
+            self.results.put((index, collect(request, chunks)))
+        finally:
+            room.release()
+
+
+def with_progress(
+    results: Iterator[tuple[int, CompletionOutput]], total: int, show: bool | None
+) -> Iterator[tuple[int, CompletionOutput]]:
+    """`results` as they come, with a progress bar of prompts and generated tokens/s (tqdm when
+    installed, else log lines); shown by default for 16 prompts or more on a terminal."""
+    if not (show if show is not None else total >= 16 and sys.stderr.isatty()):
+        yield from results
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    start, tokens, done = time.monotonic(), 0, 0
+    bar = tqdm(total=total, desc="generate", unit="prompt") if tqdm is not None else None
+    try:
+        for index, output in results:
+            done, tokens = done + 1, tokens + output.num_completion_tokens
+            rate = tokens / max(time.monotonic() - start, 1e-9)
+            if bar is not None:
+                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+                bar.update()
+            elif done % max(total // 10, 1) == 0 or done == total:
+                logger.info("generate: %d of %d prompts done, %.0f tok/s", done, total, rate)
+            yield index, output
+    finally:
+        if bar is not None:
+            bar.close()
