@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
+from ..progress import Progress
 from .completion import AsyncCompletionStream, collect, submit
 from .models import LoadedModel
 from .types import CompletionOutput
@@ -111,27 +111,8 @@ class _Batch:
 def with_progress(
     results: Iterator[tuple[int, CompletionOutput]], total: int, show: bool | None
 ) -> Iterator[tuple[int, CompletionOutput]]:
-    """`results` as they come, with a progress bar of prompts and generated tokens/s (tqdm when
-    installed, else log lines); shown by default for 16 prompts or more on a terminal."""
-    if not (show if show is not None else total >= 16 and sys.stderr.isatty()):
-        yield from results
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    start, tokens, done = time.monotonic(), 0, 0
-    bar = tqdm(total=total, desc="generate", unit="prompt") if tqdm is not None else None
-    try:
+    """`results` as they come, with a progress bar of prompts done and generated tokens/s."""
+    with Progress("generate", total, "prompt", show, logger) as progress:
         for index, output in results:
-            done, tokens = done + 1, tokens + output.num_completion_tokens
-            rate = tokens / max(time.monotonic() - start, 1e-9)
-            if bar is not None:
-                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-                bar.update()
-            elif done % max(total // 10, 1) == 0 or done == total:
-                logger.info("generate: %d of %d prompts done, %.0f tok/s", done, total, rate)
+            progress.update(output.num_completion_tokens)
             yield index, output
-    finally:
-        if bar is not None:
-            bar.close()

@@ -91,3 +91,18 @@ class ModelRunner:
     def bucket(self, needed: int) -> int:
         """The cache view's length for `needed` positions: a multiple of `LENGTH_BUCKET`, at most the pool's."""
         return min(-(-needed // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
+
+
+def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one right-padded
+    pass without a KV cache (what `llm.score` runs, batch by batch)."""
+    device = model.lm_head.weight.device
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, device=device)
+    with torch.inference_mode():
+        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        targets = ids[:, 1:, None]  # (B, T-1, 1)
+        values = (logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)).cpu()  # (B, T-1)
+    return [values[row, : len(seq) - 1].tolist() for row, seq in enumerate(sequences)]
