@@ -129,7 +129,9 @@ class Runner:
 
         self.model = load_model(self.folder, dtype=self.system.dtype)
         if self.system.compile:
-            self.model.compile_decode_step()
+            from nanoengine.engine.compiling import compile_steps
+
+            compile_steps(self.model)  # generate()'s runner compiles its one-row step
 
     def _load_transformers(self) -> None:
         from transformers import AutoModelForCausalLM

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from nanoengine import load_model  # noqa: E402
+from nanoengine.engine.compiling import compile_steps  # noqa: E402
 from nanoengine.engine.generation import generate  # noqa: E402
 from report import spread  # noqa: E402  (benchmarks/report.py, beside this script)
 
@@ -49,7 +50,7 @@ def first_difference(ids: list[int], others: list[int]) -> str:
 def nanoengine_system(folder: Path, prompt: list[int], new_tokens: int, device: str, mode: str | None):
     model = load_model(folder, dtype="bfloat16", device=device)
     if mode is not None:  # the one-token step compiled (reduce-overhead: replayed as a CUDA graph)
-        model.compile_decode_step(mode)
+        compile_steps(model, mode)
 
     def run():
         stamps, ids = [time.perf_counter()], []

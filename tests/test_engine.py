@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
-from nanoengine.engine.loop import Engine, EngineSettings
+from nanoengine.engine.loop import OFFLINE_ROWS, Engine, EngineSettings
 from nanoengine.api.models import get_model
 from nanoengine.api.outputs import Mailbox, OutputBuilder
 from nanoengine.params import CompletionParams
@@ -99,6 +99,7 @@ def engine_for(request):
     engines = []
 
     def make(model, tokenizer, **settings) -> Engine:
+        settings.setdefault("background_compile", False)  # compiling costs minutes: only where a test asks
         engines.append(Engine(model, EngineSettings(**settings)))
         TOKENIZERS[engines[-1]] = tokenizer
         return engines[-1]
@@ -174,6 +175,32 @@ def test_every_family_batched_equals_solo_past_the_sliding_window(family_folder,
     handles = [submit(engine, request(30), ids, time.monotonic() + 600) for ids in prompts]
     for ids, handle in zip(prompts, handles):
         assert_same(read(handle), solo(model, tokenizer, ids, 30))
+
+
+class PaddedEagerSteps:
+    """A stand-in for the compiler whose "compiled" step is the model's own eager forward: the
+    runner pads every decode step's rows up to its bucket exactly as for a compiled one."""
+
+    def __init__(self, model) -> None:
+        self.model, self.decoded, self.padded = model, 0, []
+
+    def step_for(self, rows: int, length: int):
+        self.padded.append(rows)
+        return self.model
+
+
+def test_every_family_padded_to_row_buckets_equals_solo(family_folder, engine_for):
+    """Five rows decoding beside a half-prefilled prompt (whose row a padding row writes into),
+    joining and leaving, each step's rows padded up to 1, 2, 4 or 8."""
+    model, tokenizer = load_model(family_folder), Tokenizer.from_folder(family_folder)
+    engine = engine_for(model, tokenizer, max_batch_size=8, prefill_chunk=16)
+    engine.runner.compiler = steps = PaddedEagerSteps(model)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (5, 9, 23, 12, 70)]
+    handles = [submit(engine, request(12 + 4 * i), ids, time.monotonic() + 600) for i, ids in enumerate(prompts)]
+    for i, (ids, handle) in enumerate(zip(prompts, handles)):
+        assert_same(read(handle), solo(model, tokenizer, ids, 12 + 4 * i))
+    assert set(steps.padded) <= {1, 2, 4, 8} and sum(steps.padded) > steps.decoded  # some steps were padded
 
 
 # --- Requests joining and leaving mid-flight -------------------------------------------------
@@ -334,14 +361,15 @@ def resident_bytes() -> int:
 
 
 def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
-    """32 requests for 1,000 new tokens each: 4 run, 28 wait, and memory grows by the pool at most.
+    """32 requests for 1,000 new tokens each: 4 run, 28 wait, and memory grows by their 4 rows at
+    most (the pool's other rows, for offline work, are zeroed only once used).
 
     (Before the engine each request reserved its own cache up front: 32 x 1,020 positions x 46 kB
     = 1.5 GB for SmolLM2.)"""
     engine = engine_for(smollm2.model, smollm2.tokenizer, max_batch_size=4, max_seq_len=1024)
     config = smollm2.model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    assert engine.kv_cache_bytes == 4 * 1024 * per_token  # 188 MB, allocated once
+    assert engine.kv_cache_bytes == OFFLINE_ROWS * 1024 * per_token  # reserved once, zeroed as rows are used
     prompts = [smollm2.tokenizer.encode(f"Write a very long essay about topic number {i}.") for i in range(32)]
     before = resident_bytes()
     deadline = time.monotonic() + 600
@@ -353,7 +381,7 @@ def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
     finally:
         for handle in handles:
             handle.abort()
-    assert grown < engine.kv_cache_bytes + 64 * 2**20
+    assert grown < 4 * 1024 * per_token + 64 * 2**20  # 188 MB
     assert wait_until(lambda: engine.active_requests == 0)
 
 
@@ -369,13 +397,17 @@ def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_out
     compiler.after_tokens = 0  # start at the first decode step
     deadline = time.monotonic() + 900
     assert_same(read(submit(engine, request(24), prompts[0], deadline)), eager[0])  # served eagerly meanwhile
-    assert wait_until(lambda: 256 in compiler.compiled, seconds=900), "the background compile did not finish"
+    assert wait_until(lambda: (1, 256) in compiler.compiled, seconds=900), "the background compile did not finish"
     calls = []
-    compiled = compiler.compiled[256]
-    compiler.compiled[256] = lambda *args: calls.append(1) or compiled(*args)
-    for ids, expected in zip(prompts, eager):  # one row: the compiled step
+    for shape in [(1, 256), (4, 256)]:
+        compiler.ask(shape)
+        assert wait_until(lambda: shape in compiler.compiled, seconds=900), f"compiling {shape} did not finish"
+        compiled = compiler.compiled[shape]
+        compiler.compiled[shape] = lambda *args, step=compiled, rows=shape[0]: calls.append(rows) or step(*args)
+    for ids, expected in zip(prompts, eager):  # one row: the compiled one-token step
         assert_same(read(submit(engine, request(24), ids, deadline)), expected)
-    assert len(calls) == 3 * 23
-    handles = [submit(engine, request(24), ids, deadline) for ids in prompts]  # several rows: eager
+    assert calls == [1] * 3 * 23
+    handles = [submit(engine, request(24), ids, deadline) for ids in prompts]  # three rows, padded to four
     for handle, expected in zip(handles, eager):
         assert_same(read(handle), expected)
+    assert 4 in calls

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanoengine import InvalidParameterError, SamplingParams, generate, load_model
-from nanoengine.engine.generation import cache_length
+from nanoengine.engine.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +83,17 @@ def test_closing_the_iterator_stops_the_work(tiny, monkeypatch):
     assert len(calls) == 5  # the prefill plus four decode steps: nothing ran ahead
 
 
-def test_cache_length_is_bucketed_and_capped():
-    assert cache_length(1, 8192) == 256
-    assert cache_length(257, 8192) == 512
-    assert cache_length(8000, 8192) == 8192
+def test_cache_views_are_bucketed_and_capped(tiny):
+    runner = ModelRunner(tiny, rows=1, max_len=600)
+    assert [runner.bucket(n) for n in (1, 256, 257, 599)] == [256, 256, 512, 600]
+
+
+def test_generate_is_the_runner_driven_for_one_row(tiny, monkeypatch):
+    decoded = []
+    decode = ModelRunner.decode
+    monkeypatch.setattr(ModelRunner, "decode", lambda self, seqs, *a: decoded.append(len(seqs)) or decode(self, seqs, *a))
+    assert len(list(generate(tiny, [1, 2, 3], 6, eos_ids=()))) == 6
+    assert decoded == [1] * 5
 
 
 def test_no_autograd_state_leaks_to_the_caller(tiny):

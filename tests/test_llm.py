@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nanoengine
+from conftest import wait_until
 from nanoengine import Completion, InvalidParameterError, SamplingParams, generate
 from nanoengine.research.interventions import intervene
 
@@ -87,3 +88,31 @@ def test_complete_full_and_streamed(tiny):
     full = llm.complete("Hello", max_new_tokens=6, temperature=0)
     chunks = list(llm.complete("Hello", stream=True, max_new_tokens=6, temperature=0))
     assert "".join(c.text for c in chunks) == full.text and chunks[-1].finished
+
+
+def test_generate_as_completed_yields_every_prompt_once_as_it_finishes(tiny):
+    llm = nanoengine.load(tiny)
+    prompts = [f"Prompt number {i} says" + " more" * (5 * i) for i in range(6)]
+    results = llm.generate(prompts, max_new_tokens=10, temperature=0, as_completed=True)
+    got = list(results)
+    assert sorted(index for index, _ in got) == list(range(6))
+    in_order = llm.generate(prompts, max_new_tokens=10, temperature=0)
+    assert [dict(got)[i].text for i in range(6)] == [o.text for o in in_order]
+
+
+def test_closing_the_as_completed_iterator_stops_the_rest(tiny):
+    llm = nanoengine.load(tiny)
+    results = llm.generate([f"Long one {i}" for i in range(40)], max_new_tokens=200, temperature=0, as_completed=True)
+    index, output = next(results)
+    assert output.num_completion_tokens > 0
+    results.close()
+    assert wait_until(lambda: llm.engine.active_requests == 0, seconds=120)
+
+
+def test_the_progress_bar_shows_prompts_and_tokens_per_second(tiny, capsys, caplog):
+    llm = nanoengine.load(tiny)
+    with caplog.at_level("INFO", logger="nanoengine.api.batch"):
+        llm.generate([f"Bar {i}" for i in range(4)], max_new_tokens=3, temperature=0, progress=True)
+    shown = capsys.readouterr().err + caplog.text
+    assert "4/4" in shown or "4 of 4 prompts done" in shown
+    assert "tok/s" in shown

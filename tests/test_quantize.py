@@ -11,6 +11,7 @@ from test_families import FAMILIES
 from test_model import REAL_PROMPTS
 
 from nanoengine import load_model
+from nanoengine.engine.compiling import compile_steps, in_step_form
 from nanoengine.engine.generation import generate
 from nanoengine.weights.loading import BLOCKS_FILE, mapped_tensors
 from nanoengine.weights.quantize import (
@@ -104,6 +105,7 @@ def test_the_kernel_layout_holds_the_blocks_weights(bits, rows, width):
     weights = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
     linear, expected = loaded(QuantizedLinear(width, rows, bits, bias=False), weights)
     assert torch.equal(linear.dequantized(), expected)
+    assert torch.equal(linear.dequantized_in_graph(), expected)
     ids = torch.tensor([[0, rows - 1], [rows // 2, 1]])
     embedding, _ = loaded(QuantizedEmbedding(rows, width, bits), weights)
     assert torch.equal(embedding(ids), expected[ids])
@@ -116,9 +118,11 @@ def test_the_one_token_product_reads_the_codes_and_matches_the_weights(bits, row
     linear, weights = loaded(QuantizedLinear(width, rows, bits, bias=False), torch.randn(rows, width, generator=generator))
     x = torch.randn(2, width, generator=generator)
     assert torch.allclose(linear.matvec(x), x @ weights.T, rtol=1e-5, atol=1e-5)
-    step = torch.compile(linear, fullgraph=True, dynamic=False)  # the path decode steps take
     one_token = x[:1, None]  # (1, 1, in)
-    assert torch.allclose(step(one_token), one_token @ weights.T, rtol=1e-5, atol=1e-5)
+    for rows, x_rows in [(1, one_token), (2, x[:, None])]:  # the forms the runner's compiled steps take
+        step = torch.compile(in_step_form(linear, rows), fullgraph=True, dynamic=False)
+        assert torch.allclose(step(x_rows), x_rows @ weights.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(linear(x[:, None]), x[:, None] @ weights.T, rtol=1e-5, atol=1e-5)  # eager
 
 
 # Every family's tiny checkpoint, and Llama with a tied and an untied head.
@@ -210,5 +214,5 @@ def test_the_compiled_decode_step_keeps_the_quantized_models_greedy_output(tmp_p
     eager = load_model(folder, dtype=dtype)
     expected = [step.id for step in generate(eager, [5, 17, 42], 24, eos_ids=())]
     compiled = load_model(folder, dtype=dtype)
-    compiled.compile_decode_step()  # the one-token step through QuantizedTensor.matvec, the head included
+    compile_steps(compiled)  # the runner's one-token step through QuantizedTensor.matvec, the head included
     assert [step.id for step in generate(compiled, [5, 17, 42], 24, eos_ids=())] == expected

@@ -76,3 +76,41 @@ def test_a_departure_moves_the_last_decoding_row_and_the_half_prefilled_one_down
     assert moves[2:] == [(2, 1, 64)] and s.decoding == [c]
     s.remove(long)
     assert s.partial is None and len(moves) == 3 and len(s) == 1
+
+
+def offline(prompt_len: int) -> Sequence:
+    return Sequence(list(range(prompt_len)), 10, math.inf, live=False)
+
+
+def test_offline_work_fills_the_pool_but_one_row_under_a_larger_budget():
+    s = Scheduler(2, 64, lambda *move: None, pool_rows=6, offline_chunk=512)
+    work = [offline(100) for _ in range(8)]
+    for w in work:
+        s.add(w)
+    batch = s.next_prefill()
+    assert batch.sequences == work[:5] and batch.padded_tokens == 500  # 5 rows, 500 tokens > the live budget of 64
+    run(s, batch)
+    assert s.next_prefill() is None  # the last row is kept for a live arrival
+
+
+def test_a_live_arrival_goes_ahead_of_offline_work_and_brings_back_the_live_budget():
+    s = Scheduler(2, 64, lambda *move: None, pool_rows=6, offline_chunk=512)
+    work = [offline(100) for _ in range(8)]
+    for w in work:
+        s.add(w)
+    run(s, s.next_prefill())
+    live = seq(200)
+    s.add(live)
+    assert s.waiting[0] is live and not s.offline_only
+    batch = s.next_prefill()
+    assert batch.sequences == [live] and batch.chunks == [live.prompt_ids[:64]]  # the reserved row, one live chunk
+    run(s, batch)
+    assert s.next_prefill().chunks == [live.prompt_ids[64:128]]  # offline work waits behind it
+
+
+def test_nothing_decoding_means_no_one_waits_for_a_token_so_the_budget_grows():
+    s = Scheduler(4, 64, lambda *move: None, pool_rows=4, offline_chunk=256)
+    first = [seq(60), seq(60), seq(60)]
+    for w in first:
+        s.add(w)
+    assert s.next_prefill().sequences == first  # 180 padded tokens: the larger budget, nothing decodes yet

@@ -15,7 +15,8 @@ from .errors import (
 from .engine.generation import GeneratedToken, generate
 from .api.llm import LLM, load
 from .weights.loading import load_model
-from .model.decoder import CausalLM, KVCache
+from .model.decoder import CausalLM
+from .model.kv_cache import KVCache
 from .weights.registry import DEFAULT_MODEL, REGISTRY, fetch_model, resolve_model
 from .engine.sampling import SamplingParams
 from .model.tokenizer import IncrementalDetokenizer, Tokenizer

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .completion import submit
+from .offline import run_batch, with_progress
 from .outputs import CompletionStream, collect
 from ..engine.loop import Engine
 from ..errors import InvalidParameterError
@@ -69,17 +69,19 @@ class LLM:
         *,
         interventions: dict[str, Callable] | None = None,
         progress: bool | None = None,
+        as_completed: bool = False,
         **sampling: Any,
-    ) -> list[CompletionOutput]:
-        """Complete every prompt, all submitted at once so that the engine runs them as batches;
-        the outputs come back in the order of the prompts.
+    ) -> list[CompletionOutput] | Iterator[tuple[int, CompletionOutput]]:
+        """Complete every prompt as offline batch work (the engine runs it at full width); the
+        outputs come back in the order of the prompts, or with `as_completed=True` as an iterator
+        of (prompt index, output) in the order they finish (closing it stops the rest).
 
         `sampling` takes `CompletionParams`' fields (the timeout, for the whole call,
         defaults to none). With a `seed`, prompt i is sampled with seed + i, so that each prompt
         has its own reproducible stream. Every parameter and prompt is checked before any work.
         `interventions` (see `tracing.intervene`) apply to every forward pass while the call runs:
-        to every request the model serves meanwhile, too. `progress` shows a bar on long batches
-        (default: 16 prompts or more, on a terminal).
+        to every request the model serves meanwhile, too. `progress` shows a bar of prompts done
+        and tokens/s (default: 16 prompts or more, on a terminal).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seed = sampling.pop("seed", None)
@@ -90,11 +92,12 @@ class LLM:
         prompt_ids = [self.tokenizer.encode(request.prompt) for request in requests]
         for request, ids in zip(requests, prompt_ids):
             self.engine.check_length(len(ids), request.max_new_tokens)
-        with _interventions(self.engine, interventions), ExitStack() as streams:
-            chunks = [streams.enter_context(CompletionStream("", *submit(r, self._loaded, ids))) for r, ids in zip(requests, prompt_ids)]
-            outputs = []
-            for request, stream in zip(requests, _with_progress(chunks, progress)):
-                outputs.append(collect(request, stream.outputs()))
+        results = _batch_results(self._loaded, requests, prompt_ids, interventions, progress)
+        if as_completed:
+            return results
+        outputs: list[CompletionOutput | None] = [None] * len(prompts)
+        for index, output in results:
+            outputs[index] = output
         return outputs
 
     def _request(self, prompt: str, sampling: dict[str, Any]) -> CompletionParams:
@@ -159,21 +162,9 @@ def _interventions(engine: Engine, interventions: dict[str, Callable] | None) ->
             engine.runner.eager_only -= 1
 
 
-def _with_progress(streams: list[CompletionStream], progress: bool | None) -> Iterator[CompletionStream]:
-    """The streams, read in order, with a progress bar (tqdm, when installed) or log lines."""
-    show = progress if progress is not None else len(streams) >= 16 and sys.stderr.isatty()
-    if not show:
-        yield from streams
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        yield from tqdm(streams, desc="generate", unit="prompt")
-        return
-    step = max(len(streams) // 10, 1)
-    for done, stream in enumerate(streams, 1):
-        yield stream
-        if done % step == 0 or done == len(streams):
-            logger.info("generate: %d of %d prompts done", done, len(streams))
+def _batch_results(
+    loaded: LoadedModel, requests: list[CompletionParams], prompt_ids: list[list[int]], interventions, progress
+) -> Iterator[tuple[int, CompletionOutput]]:
+    """(index, output) as each request finishes, with the interventions held meanwhile."""
+    with _interventions(loaded.engine, interventions):
+        yield from with_progress(run_batch(loaded, requests, prompt_ids), len(requests), progress)

@@ -1,4 +1,8 @@
-"""The token loop: prefill the prompt once, then decode one token at a time from the KV cache."""
+"""The token loop for one sequence: prefill the prompt once, then decode one token at a time.
+
+It is the engine's runner driven for one row (the same cache buckets, the same compiled steps
+when `compiling.compile_steps(model)` asked for them), written as a short loop to read.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidParameterError
-from ..model.decoder import CausalLM, KVCache
+from ..model.decoder import CausalLM
+from .runner import LENGTH_BUCKET, ModelRunner
 from .sampling import Sampler, SamplingParams
-
-CACHE_BUCKET = 256  # cache lengths are rounded up to this, so similar requests share shapes
+from .scheduler import PrefillBatch, Sequence
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,6 @@ def check_lengths(model: CausalLM, prompt_len: int, max_new_tokens: int) -> None
             f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
             f"the model's context of {context} tokens"
         )
-
-
-def cache_length(needed: int, context: int) -> int:
-    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, context)
-
-
-@torch.inference_mode()
-def _forward_last(model: CausalLM, ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    return model(ids, input_pos, cache, last_only=True)[0, -1]  # (V,)
 
 
 def generate(
@@ -64,22 +59,17 @@ def _generate(model, prompt_ids, max_new_tokens, sampling, eos_ids) -> Iterator[
     if max_new_tokens == 0:
         return
     stop_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
-    device = model.lm_head.weight.device
-    cache = KVCache(
-        model.config,
-        batch_size=1,
-        max_len=cache_length(len(prompt_ids) + max_new_tokens, model.config.max_position_embeddings),
-        dtype=model.compute_dtype,
-        device=device,
-    )
-    sampler = Sampler(sampling, model.config.vocab_size, device)
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
-    logits = _forward_last(model, ids, torch.arange(len(prompt_ids), device=device), cache)  # (V,)
+    needed = len(prompt_ids) + max_new_tokens  # one row of this length, rounded up so similar requests share shapes
+    runner = ModelRunner(model, 1, min(-(-needed // LENGTH_BUCKET) * LENGTH_BUCKET, model.config.max_position_embeddings))
+    sampler = Sampler(sampling, model.config.vocab_size, runner.device)
+    seq = Sequence(prompt_ids, max_new_tokens, deadline=float("inf"))
+    logits = runner.prefill(PrefillBatch(0, [seq], [prompt_ids]))[0]  # (V,)
+    seq.pos = len(prompt_ids)
     for step in range(max_new_tokens):
         token, logprob = sampler(logits)
-        token_id = int(token)  # the one host sync per step: the caller needs the id
-        yield GeneratedToken(token_id, float(logprob))
-        if token_id in stop_ids or step == max_new_tokens - 1:
+        seq.next_token = int(token)  # the one host sync per step: the caller needs the id
+        yield GeneratedToken(seq.next_token, float(logprob))
+        if seq.next_token in stop_ids or step == max_new_tokens - 1:
             return
-        pos = torch.tensor([len(prompt_ids) + step], device=device)  # (1,)
-        logits = _forward_last(model, token.view(1, 1), pos, cache)
+        logits = runner.decode([seq])[0]  # (V,)
+        seq.pos += 1

@@ -38,6 +38,8 @@ from ..params import CompletionParams
 logger = logging.getLogger(__name__)
 
 EXIT_JOIN_SECONDS = 10.0  # at interpreter exit, how long to wait for a loop to leave torch
+OFFLINE_ROWS = 32  # rows of the KV pool offline work may fill (`scheduler.py`), beyond max_batch_size
+OFFLINE_CHUNK = 2048  # prompt tokens prefilled per step while no live sequence waits on the engine
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,13 @@ class Engine:
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
         self.compiler = None
-        if (settings.background_compile or compile_now) and model.decode_step is None:
+        if settings.background_compile or compile_now:
             self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
-        self.runner = ModelRunner(model, settings.max_batch_size, self.max_seq_len, self.compiler)
-        self.scheduler = Scheduler(settings.max_batch_size, min(settings.prefill_chunk, self.max_seq_len), self.runner.move_row)
+        pool_rows = max(settings.max_batch_size, OFFLINE_ROWS)  # lazily zeroed: rows cost memory once used
+        self.runner = ModelRunner(model, pool_rows, self.max_seq_len, self.compiler)
+        chunk = min(settings.prefill_chunk, self.max_seq_len)
+        offline_chunk = min(max(chunk, OFFLINE_CHUNK), self.max_seq_len)
+        self.scheduler = Scheduler(settings.max_batch_size, chunk, self.runner.move_row, pool_rows, offline_chunk)
         self.steps = 0  # forward passes run, for tests and statistics
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
@@ -131,11 +136,15 @@ class Engine:
                 f"prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds {limit}"
             )
 
-    def submit(self, request: CompletionParams, prompt_ids: list[int], deadline: float, mailbox: Outbox) -> Handle:
-        """Queue a request (checked, tokenized); its tokens arrive in `mailbox`."""
+    def submit(
+        self, request: CompletionParams, prompt_ids: list[int], deadline: float, mailbox: Outbox, live: bool = True
+    ) -> Handle:
+        """Queue a request (checked, tokenized); its tokens arrive in `mailbox`. `live=False` marks
+        offline batch work, run at full width (`scheduler.py`)."""
         self.check_length(len(prompt_ids), request.max_new_tokens)
         sampler = Sampler(SamplingParams.of(request), self.model.config.vocab_size, self.runner.device)
-        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, RequestState(request, sampler, mailbox))
+        state = RequestState(request, sampler, mailbox)
+        seq = Sequence(prompt_ids, request.max_new_tokens, deadline, state, live=live)
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine has stopped (the interpreter is exiting)")
@@ -195,7 +204,7 @@ class Engine:
         self._drop_aborted_and_late()
         if self.scheduler.decoding:
             rows = list(self.scheduler.decoding)
-            logits = self.runner.decode(rows)  # (B, V)
+            logits = self.runner.decode(rows, self.scheduler.next_row_pos)  # (B, V)
             self.steps += 1
             for seq in rows:
                 seq.pos += 1

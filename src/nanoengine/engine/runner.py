@@ -1,26 +1,33 @@
 """One batched forward pass over the KV cache pool: a decode step, or a batch of prompt chunks.
 
-The pool (`KVCache` with one row per slot) is allocated once, for `rows` sequences of at most
-`max_len` tokens, so its memory is bounded whatever requests ask for. Each step runs over a view
-of the rows in use and of the positions in use, rounded up to `LENGTH_BUCKET`, so attention costs
-what is cached rather than what is reserved, and the shapes a compiled step sees stay few.
+The runner owns execution: which step runs compiled or eagerly is decided here (with
+`compiling.py`), never inside the model. The pool (`KVCache` with one row per slot) is allocated
+once, for `rows` sequences of at most `max_len` tokens, so its memory is bounded whatever requests
+ask for. Each step runs over a view of the rows in use and of the positions in use, rounded up to
+`LENGTH_BUCKET`, so attention costs what is cached rather than what is reserved, and the shapes a
+compiled step sees stay few. A compiled decode step also rounds its rows up to a bucket
+(`compiling.row_bucket`): the padding rows feed token 0 at a position whose keys nobody reads
+(see `decode`), and their logits are dropped, so no real row's tokens change.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .compiling import BackgroundCompile
-from ..model.decoder import CausalLM, KVCache
+from ..model.decoder import CausalLM
+from ..model.kv_cache import KVCache
+from .compiling import BackgroundCompile, ForegroundCompile, foreground_compiler, row_bucket
 from .scheduler import PrefillBatch, Sequence
 
 LENGTH_BUCKET = 256
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, rows: int, max_len: int, compiler: BackgroundCompile | None = None) -> None:
+    def __init__(
+        self, model: CausalLM, rows: int, max_len: int, compiler: BackgroundCompile | ForegroundCompile | None = None
+    ) -> None:
         self.model = model
-        self.compiler = compiler
+        self.compiler = compiler if compiler is not None else foreground_compiler(model)
         self.eager_only = 0  # > 0 while interventions hook the model: a compiled step would skip them
         self.device = model.lm_head.weight.device
         self.cache = KVCache(model.config, rows, max_len, model.compute_dtype, self.device, zero_lazily=True)
@@ -29,18 +36,37 @@ class ModelRunner:
         self.cache.copy_row(src, dst, length)
 
     @torch.inference_mode()
-    def decode(self, sequences: list[Sequence]) -> torch.Tensor:
+    def decode(self, sequences: list[Sequence], next_row_pos: int = 0) -> torch.Tensor:
         """Feed each sequence (row i = sequences[i]) its next token at its own position; return
-        the next-token logits (B, V)."""
-        ids = torch.tensor([[s.next_token] for s in sequences], device=self.device)  # (B, 1)
-        pos = torch.tensor([[s.pos] for s in sequences], device=self.device)  # (B, 1)
-        view = self.cache.view(len(sequences), self._bucket(max(s.pos for s in sequences) + 1))
-        if self.compiler is not None and not self.eager_only:
-            self.compiler.decoded += len(sequences)
-            step = self.compiler.step_for(len(sequences), view.max_len)
-            if step is not None:
-                return step(ids, pos, view, True)[:, -1]  # (B, V), the compiled step
-        return self.model(ids, pos, view, last_only=True)[:, -1]  # (B, V)
+        the next-token logits (B, V).
+
+        A compiled step runs over the rows rounded up to a bucket. The padding rows write keys
+        where no one will read them: the first, row len(sequences), at `next_row_pos` (the
+        caller's half-prefilled prompt, if any, lives there: its next chunk overwrites that
+        position before anything attends it), the others at position 0 of free rows.
+        """
+        rows = len(sequences)
+        length = self.bucket(max(s.pos for s in sequences) + 1)
+        step, padded = self._compiled_step(rows, length, next_row_pos)
+        ids = [s.next_token for s in sequences] + [0] * (padded - rows)
+        pos = [s.pos for s in sequences] + [next_row_pos] + [0] * (padded - rows - 1)
+        ids_t = torch.tensor(ids, device=self.device)[:, None]  # (padded, 1)
+        pos_t = torch.tensor(pos[:padded], device=self.device)[:, None]  # (padded, 1)
+        view = self.cache.view(padded, length)
+        if step is None:
+            return self.model(ids_t, pos_t, view, last_only=True)[:, -1]  # (B, V), eager
+        return step(ids_t, pos_t, view, True)[:rows, -1]  # (B, V), the compiled step
+
+    def _compiled_step(self, rows: int, length: int, next_row_pos: int):
+        """The compiled step for this decode, if there is one, and the rows it runs over."""
+        if self.compiler is None or self.eager_only:
+            return None, rows
+        self.compiler.decoded += rows
+        padded = row_bucket(rows, self.cache.batch_size)
+        if padded > rows and next_row_pos >= length:
+            return None, rows  # the half-prefilled row is beyond this view: no room to pad safely
+        step = self.compiler.step_for(padded, length)
+        return (step, padded) if step is not None else (None, rows)
 
     @torch.inference_mode()
     def prefill(self, batch: PrefillBatch) -> torch.Tensor:
@@ -59,8 +85,24 @@ class ModelRunner:
             pos.append(list(range(start + len(chunk), start + T)) + list(range(start, start + len(chunk))))
         ids_t = torch.tensor(ids, device=self.device)  # (B, T)
         pos_t = torch.tensor(pos, device=self.device)  # (B, T)
-        view = self.cache.view(len(ids), self._bucket(int(pos_t.max()) + 1), first_row=batch.first_row)
+        view = self.cache.view(len(ids), self.bucket(int(pos_t.max()) + 1), first_row=batch.first_row)
         return self.model(ids_t, pos_t, view, last_only=True)[:, -1]  # (B, V)
 
-    def _bucket(self, needed: int) -> int:
+    def bucket(self, needed: int) -> int:
+        """The cache view's length for `needed` positions: a multiple of `LENGTH_BUCKET`, at most the pool's."""
         return min(-(-needed // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
+
+
+def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one right-padded
+    pass without a KV cache (what `llm.score` runs, batch by batch)."""
+    device = model.lm_head.weight.device
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, device=device)
+    with torch.inference_mode():
+        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        targets = ids[:, 1:, None]  # (B, T-1, 1)
+        values = (logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)).cpu()  # (B, T-1)
+    return [values[row, : len(seq) - 1].tolist() for row, seq in enumerate(sequences)]

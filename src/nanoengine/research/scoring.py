@@ -1,20 +1,24 @@
 """How likely is a text? The log-probability of each of its tokens given the ones before it.
 
 Texts are tokenized as the checkpoint's tokenizer does by default (a BOS token only where it adds
-one), sorted by length and run in right-padded batches without a KV cache: attention is causal,
-so the padding after a text's last token changes nothing before it.
+one), sorted by length and run in right-padded batches without a KV cache (`runner.sequence_logprobs`):
+attention is causal, so the padding after a text's last token changes nothing before it, and
+sorting keeps the padding to a few tokens a row. A progress bar shows texts done and tokens/s.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from ..engine.runner import sequence_logprobs
 from ..errors import InvalidParameterError
+from ..progress import Progress
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 2048  # padded tokens per forward pass: bounds the (tokens x vocabulary) logits
 
@@ -51,21 +55,26 @@ class ScoredText:
         return math.exp(-self.logprob / len(self.token_logprobs))
 
 
-def score(llm: Any, texts: Sequence[str], batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[ScoredText]:
+def score(
+    llm: Any, texts: Sequence[str], batch_tokens: int = DEFAULT_BATCH_TOKENS, progress: bool | None = None
+) -> list[ScoredText]:
     """Score each text (see `ScoredText`), in the order given.
 
     `llm` is anything with `.model` and `.tokenizer` (the handle from `nanoengine.load`).
     `batch_tokens` bounds the padded tokens of one forward pass, and with it the memory of the
-    logits (about batch_tokens x vocabulary x 4 bytes).
+    logits (about batch_tokens x vocabulary x 4 bytes). `progress` shows a bar (default: 16
+    texts or more, on a terminal).
     """
     model, tokenizer = llm.model, llm.tokenizer
     if not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise InvalidParameterError(f"batch_tokens must be a positive integer, not {batch_tokens!r}")
     encoded = encode_texts(tokenizer, texts, model.config.max_position_embeddings)
     logprobs: list[list[float]] = [[] for _ in texts]
-    for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
-        for index, values in zip(batch, batch_logprobs(model, [encoded[i] for i in batch])):
-            logprobs[index] = values
+    with Progress("score", len(texts), "text", progress, logger) as bar:
+        for batch in length_batches([len(ids) for ids in encoded], batch_tokens):
+            for index, values in zip(batch, sequence_logprobs(model, [encoded[i] for i in batch])):
+                logprobs[index] = values
+                bar.update(len(encoded[index]))
     return [
         ScoredText(text, [tokenizer.decode([i], False) for i in ids], ids, values)
         for text, ids, values in zip(texts, encoded, logprobs)
@@ -102,17 +111,3 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
         else:
             batches.append([i])
     return batches
-
-
-def batch_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
-    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one padded pass."""
-    device = model.lm_head.weight.device
-    longest = max(len(ids) for ids in sequences)
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, device=device)
-    with torch.inference_mode():
-        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-        targets = ids[:, 1:, None]  # (B, T-1, 1)
-        values = (logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)).cpu()  # (B, T-1)
-    return [values[row, : len(seq) - 1].tolist() for row, seq in enumerate(sequences)]

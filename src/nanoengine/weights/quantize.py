@@ -16,9 +16,12 @@ recovers the blocks exactly and dequantizing reproduces the float32 weights bit 
 scale is exact in float32; adding the offset rounds once, as the GGUF reference does). Other
 checkpoints get the ordinary round-to-nearest error of their format.
 
-Activations stay float. A projection dequantizes its weight and multiplies: eagerly that makes a
-float32 copy of one matrix at a time; inside `torch.compile` a one-token product reads the codes
-once and never builds the float32 matrix (`matvec`), 3x faster than float32's own product on CPU.
+Activations stay float. A projection has one product, `forward`: it dequantizes its weight into a
+buffer reused by every projection of the thread (one float32 matrix at a time, written in place:
+no fresh allocation to page in at every step) and multiplies. `matvec` is the same product for a
+few rows that reads the codes once and never builds the float32 matrix, for `torch.compile`
+(3x faster than float32's own one-token product on CPU); which one a step uses is the runner's
+choice (`engine/compiling.py`).
 
 That is the blocks' file layout (`quantize`, the GGUF, `model.blocks.safetensors`). Loaded, a
 module lays them out for that kernel (`QuantizedTensor.load_blocks`): see `QuantizedTensor`.
@@ -26,13 +29,14 @@ module lays them out for that kernel (`QuantizedTensor.load_blocks`): see `Quant
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..model.families.gpt2 import Conv1D
-from ..model.decoder import CausalLM, Linear, project
+from ..model.decoder import CausalLM
 
 GROUP_SIZE = 32
 
@@ -136,13 +140,18 @@ class QuantizedTensor(nn.Module):
         self.codes = by_row.permute(0, 2, 3, 1).contiguous().view(torch.float32)  # (rows/B, G, W, B)
         self.scale, self.offset = (t.float().view(blocks, block, groups, 1).permute(0, 2, 3, 1).contiguous() for t in (scale, offset))
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 weight (rows, in), each value written once, straight into its place. This
-        is the prompt's pass (and every uncompiled step): on a 2-CPU AVX2 machine it costs about
-        as much again as the matrix product of a 128-token prompt."""
+    def dequantized(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight (rows, in), each value written once, straight into its place (into
+        `out`'s memory when given, at least rows * in floats). This is the prompt's pass (and every
+        uncompiled step): on a 2-CPU AVX2 machine it costs about as much again as the matrix
+        product of a 128-token prompt."""
         blocks, groups, words, block = self.codes.shape
         halves = 2 if self.bits == 4 else 1
-        weight = torch.empty(self.rows, self.in_features, device=self.codes.device)
+        size = self.rows * self.in_features
+        if out is None:
+            weight = torch.empty(self.rows, self.in_features, device=self.codes.device)
+        else:
+            weight = out.view(-1)[:size].view(self.rows, self.in_features)
         # k = g*size + h*size/2 + 4m + b; the weight's elements in the codes' order (rows/B, G, h, W, b, B)
         in_codes_order = weight.view(blocks, block, groups, halves, words, 4).permute(0, 2, 3, 4, 5, 1)
         data = self.codes.reshape(-1).view(torch.uint8).view(blocks, groups, words, block, 4).transpose(-1, -2)  # (rows/B, G, W, b, B)
@@ -151,6 +160,16 @@ class QuantizedTensor(nn.Module):
             codes = data if halves == 1 else data & 15 if h == 0 else data >> 4
             torch.addcmul(offset, codes, scale, out=in_codes_order[:, :, h])  # offset + q * scale; q * scale is exact
         return weight
+
+    def dequantized_in_graph(self) -> torch.Tensor:
+        """The same float32 weight (rows, in) without writing into a given memory, for a compiled
+        step of several rows (inductor fuses the decoding into one pass over the codes)."""
+        blocks, groups, words, block = self.codes.shape
+        halves = 2 if self.bits == 4 else 1
+        weights = self._codes(self.codes) * self.scale.unsqueeze(2) + self.offset.unsqueeze(2)  # (rows/B, G, L, W, B)
+        # lane h*4 + b of word m holds k = g*size + h*size/2 + 4m + b
+        by_row = weights.view(blocks, groups, halves, 4, words, block).permute(0, 5, 1, 2, 4, 3)  # (rows/B, B, G, h, W, b)
+        return by_row.reshape(self.rows, self.in_features)
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 rows (..., in) of the weight at `ids` (...): an embedding lookup."""
@@ -199,11 +218,23 @@ class QuantizedLinear(QuantizedTensor):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] == 1 and torch.compiler.is_compiling():
-            y = self.matvec(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features).to(x.dtype)
-        else:
-            y = project(x, self.dequantized())  # (..., T, out)
+        weight = self.dequantized(_scratch(self.rows * self.in_features, self.codes.device))
+        y = F.linear(x, weight.to(x.dtype))  # (..., T, out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+_buffers = threading.local()
+
+
+def _scratch(size: int, device: torch.device) -> torch.Tensor:
+    """This thread's float32 buffer of at least `size` values on `device`, for one dequantized weight
+    at a time (the engine's loop and a caller's own forward pass each have theirs)."""
+    buffers = _buffers.__dict__.setdefault("by_device", {})
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
+        with torch.inference_mode(False):  # an ordinary tensor: written in inference mode or out of it
+            buffer = buffers[device] = torch.empty(size, device=device)
+    return buffer
 
 
 class QuantizedEmbedding(QuantizedTensor):
@@ -264,11 +295,11 @@ def use_quantized_modules(model: CausalLM, bits: int) -> QuantizationPlan:
         new, transposed = _quantized(module, bits if name != "lm_head" else 8)
         if new is None:
             continue
-        if isinstance(module, Linear) and id(module.weight) in embedding_of:
+        if id(module.weight) in embedding_of and not isinstance(module, nn.Embedding):
             if f"{embedding_of[id(module.weight)]}.weight" not in weights:
                 continue  # its embedding stays float, and so does the head that shares it
             tied[name] = embedding_of[id(module.weight)]
-            new = QuantizedLinear(module.in_features, module.out_features, 8, bias=module.bias is not None)
+            new = QuantizedLinear(new.in_features, new.out_features, 8, bias=new.bias is not None)
         else:
             weights[f"{name}.weight"] = QuantizedWeight(name, new.bits, transposed)
         parent, _, child = name.rpartition(".")
@@ -283,12 +314,10 @@ def _quantized(module: nn.Module, bits: int) -> tuple[QuantizedTensor | None, bo
         if not group_size(module.embedding_dim, 8):
             return None, False
         return QuantizedEmbedding(module.num_embeddings, module.embedding_dim), False
-    if isinstance(module, Linear):
-        in_features, out_features, transposed = module.in_features, module.out_features, False
-    elif isinstance(module, Conv1D):
-        (in_features, out_features), transposed = module.weight.shape, True
-    else:
+    transposed = getattr(module, "transposed_weight", None)  # set by every projection a family may quantize
+    if transposed is None:
         return None, False
+    in_features, out_features = module.weight.shape if transposed else module.weight.shape[::-1]
     if not group_size(in_features, bits):
         bits = 8
     if not group_size(in_features, bits):

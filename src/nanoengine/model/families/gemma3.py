@@ -26,14 +26,13 @@ from ..decoder import (
     CausalLM,
     Decoder,
     DecoderLayer,
-    KVCache,
     Parts,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
     attend,
-    causal_mask,
 )
+from ..kv_cache import KVCache, causal_mask
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 

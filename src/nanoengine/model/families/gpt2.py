@@ -18,7 +18,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ...errors import CheckpointError
-from ..decoder import CausalLM, HookPoint, KVCache, Linear, Parts, attend
+from ..decoder import CausalLM, HookPoint, Linear, Parts, attend
+from ..kv_cache import KVCache
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}  # name -> F.gelu approximate
 
@@ -57,6 +58,8 @@ class GPT2Config(ModelConfig):
 
 class Conv1D(nn.Module):
     """A linear layer stored the GPT-2 way: weight (in, out), y = x @ W + b."""
+
+    transposed_weight = True  # a projection quantization may swap, its weight (in, out): see `Linear`
 
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
@@ -146,13 +149,9 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
-        self.decode_step = None
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.transformer.wte.weight
-
-    def store_transposed(self) -> None:
-        """Nothing to do: Conv1D weights already sit in (in, out) row-major memory."""
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..decoder import CausalLM, Decoder, KVCache, causal_mask
+from ..decoder import CausalLM, Decoder
+from ..kv_cache import KVCache, causal_mask
 
 
 @dataclass(frozen=True)
