@@ -210,9 +210,10 @@ def test_a_bad_body_is_a_400(server_url):
     headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
     response = requests.post(f"{server_url}v1/completions", data="{not json", headers=headers, timeout=60)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
-    response = requests.post(f"{server_url}v1/completions", json={"model": MODEL, "prompt": [1, 2]}, headers=headers,
-                             timeout=60)  # fmt: skip
-    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    for prompt in ([[1, "x"]], [1.5], [], [-1], ""):
+        response = requests.post(f"{server_url}v1/completions", json={"model": MODEL, "prompt": prompt}, headers=headers,
+                                 timeout=60)  # fmt: skip
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", prompt
 
 
 def test_an_unknown_model_is_a_404(client):

@@ -7,6 +7,11 @@ stop string (`StopChecker`), cumulative counts, `finished` on the last chunk onl
 `Mailbox` is where the engine's loop leaves those chunks for the request's reader (a thread
 iterating a stream, an asyncio task, the server). Leaving one never blocks the loop; while a
 reader lags, text-only chunks are merged into one, so what waits stays small.
+
+Beyond llmengine's fields, the builder notes two things for the OpenAI routes, as plain attributes
+rather than dataclass fields, so that `dict()`/`json()` (which read fields only) still give exactly
+llmengine's JSON: on the last chunk, why the sequence ended (`finish_reason_of`), and on a token,
+when the request asked, its likeliest alternatives (`top_logprobs_of`).
 """
 
 from __future__ import annotations
@@ -38,23 +43,32 @@ class OutputBuilder:
         self.count = 0
         self.finished = False
 
-    def add(self, token_id: int, logprob: float) -> CompletionStreamOutput:
+    def add(
+        self, token_id: int, logprob: float, alternatives: list[tuple[int, float]] | None = None
+    ) -> CompletionStreamOutput:
         """The chunk for the next token; it is the last (`finished`) at an end-of-sequence token,
-        at `max_new_tokens`, or when a stop string completes."""
+        at `max_new_tokens`, or when a stop string completes. `alternatives` are the likeliest
+        (token id, log-prob) pairs at this step, when the request asked for them."""
         self.count += 1
-        last = token_id in self.eos_ids or self.count == self.request.max_new_tokens
+        ended = token_id in self.eos_ids
+        last = ended or self.count == self.request.max_new_tokens
         text = self._text(token_id, last)
         self.finished = last or self.stops.stopped
         token = None
         if self.request.return_token_log_probs:
             token = TokenOutput(token=self.tokenizer.decode([token_id], skip_special_tokens=False), log_prob=logprob)
-        return CompletionStreamOutput(
+            if alternatives is not None:
+                token.top_logprobs = alternatives
+        chunk = CompletionStreamOutput(
             text=text,
             finished=self.finished,
             num_prompt_tokens=self.num_prompt_tokens if self.finished else None,
             num_completion_tokens=self.count,
             token=token,
         )
+        if self.finished:
+            chunk.finish_reason = "stop" if ended or self.stops.stopped else "length"
+        return chunk
 
     def _text(self, token_id: int, last: bool) -> str:
         # As in vLLM, the end-of-sequence token's own text is output only on request.
@@ -66,6 +80,18 @@ class OutputBuilder:
         if last or self.stops.stopped:
             text += self.stops.flush()  # held back for a stop string that can no longer complete
         return text
+
+
+def finish_reason_of(chunk: CompletionStreamOutput) -> str | None:
+    """Why a stream's last chunk ended it: "stop" (an end-of-sequence token or a stop string) or
+    "length" (`max_new_tokens`); None on the other chunks."""
+    return getattr(chunk, "finish_reason", None)
+
+
+def top_logprobs_of(token: TokenOutput) -> list[tuple[int, float]] | None:
+    """The likeliest (token id, log-prob) pairs where `token` was chosen, likeliest first; None
+    unless the request asked (`CompletionRequest.top_logprobs`)."""
+    return getattr(token, "top_logprobs", None)
 
 
 class ReaderGone(Exception):
@@ -145,7 +171,10 @@ def _mergeable(old: Item, new: Item) -> bool:
 
 
 def _merged(old: CompletionStreamOutput, new: CompletionStreamOutput) -> CompletionStreamOutput:
-    return replace(new, text=old.text + new.text)
+    merged = replace(new, text=old.text + new.text)
+    if finish_reason_of(new) is not None:
+        merged.finish_reason = finish_reason_of(new)
+    return merged
 
 
 def timeout_error(request: CompletionRequest, done: int, doing: str) -> RequestTimeoutError:

@@ -30,6 +30,9 @@ class CompletionRequest:
     include_stop_str_in_output: bool = False
     return_token_log_probs: bool = False
     skip_special_tokens: bool = True
+    # Internal, not a `Completion.create` parameter: how many likeliest alternatives the engine
+    # reports beside each generated token (OpenAI's `top_logprobs`; needs return_token_log_probs).
+    top_logprobs: int = 0
 
 
 def validate_request(

@@ -29,7 +29,7 @@ from ..errors import InvalidParameterError
 from ..model.decoder import CausalLM
 from ..api.outputs import Mailbox, OutputBuilder, ReaderGone, timeout_error
 from .runner import ModelRunner
-from .sampling import Sampler, sample
+from .sampling import Sampler, sample, top_alternatives
 from .scheduler import PrefillBatch, Scheduler, Sequence
 from ..model.tokenizer import Tokenizer
 from ..api.validation import CompletionRequest
@@ -208,9 +208,10 @@ class Engine:
     def _sampled(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Sample a token for each row, hand out its chunk, and free the rows that finished."""
         tokens, logprobs = sample([seq.state.sampler for seq in rows], logits)
-        for seq, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+        alternatives = top_alternatives(logits, [seq.state.request.top_logprobs for seq in rows])  # None unless asked
+        for b, (seq, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             seq.next_token, seq.generated = token, seq.generated + 1
-            chunk = seq.state.output.add(token, logprob)
+            chunk = seq.state.output.add(token, logprob, alternatives[b] if alternatives else None)
             self._deliver(seq, chunk, finished=chunk.finished)
 
     def _deliver(self, seq: Sequence, item, finished: bool) -> None:
