@@ -47,9 +47,10 @@ GENERATION_KWARGS = {"temperature": "temperature", "top_p": "top_p", "top_k": "t
 class NanoEngineLM(TemplateLM):
     """An lm-eval model over `nanoengine.load(pretrained)`.
 
-    `dtype` and `device` are nanoengine's (`nanoengine.configure`); `max_length` bounds prompt plus
-    continuation (default: the engine's longest sequence); `batch_tokens` bounds the padded tokens of
-    one scoring pass. lm-eval's `batch_size` and `max_batch_size` are accepted and unused: scoring
+    `dtype` and `device` are nanoengine's (`nanoengine.configure`); `max_length` bounds a scored
+    context plus continuation (default: the model's context, as lm-eval's `hf` has it; a generation's
+    prompt plus new tokens are bounded by the engine's longest sequence too); `batch_tokens` bounds
+    the padded tokens of one scoring pass (one longer sequence goes alone). lm-eval's `batch_size` and `max_batch_size` are accepted and unused: scoring
     passes are sized by tokens, and generation is batched by the engine.
     """
 
@@ -70,9 +71,9 @@ class NanoEngineLM(TemplateLM):
             configure(dtype=dtype, device=device)
         self.llm = load(pretrained)
         self.pretrained = str(pretrained)
-        engine_max = self.llm.engine.max_seq_len
-        self.max_length = int(max_length) if max_length is not None else engine_max
-        if not 2 <= self.max_length <= self.llm.model.config.max_position_embeddings:
+        context = self.llm.model.config.max_position_embeddings
+        self.max_length = int(max_length) if max_length is not None else context
+        if not 2 <= self.max_length <= context:
             raise InvalidParameterError(f"max_length must be in [2, the model's context], not {max_length!r}")
         self.max_gen_toks = int(max_gen_toks)
         self.batch_tokens = int(batch_tokens)
@@ -165,11 +166,12 @@ class NanoEngineLM(TemplateLM):
     def fitted_prompt(self, context: str, max_new_tokens: int) -> str:
         """The context, its start cut off (as lm-eval's `hf` does) where it leaves too little room."""
         ids = self.tok_encode(context)
-        room = self.max_length - max_new_tokens
+        longest = min(self.max_length, self.llm.engine.max_seq_len)
+        room = longest - max_new_tokens
         if len(ids) <= room:
             return context
         if room < 1:
-            raise InvalidParameterError(f"max_gen_toks ({max_new_tokens}) leaves no room within max_length {self.max_length}")
+            raise InvalidParameterError(f"max_gen_toks ({max_new_tokens}) leaves no room for a prompt within {longest} tokens")
         logger.warning("a context of %d tokens is cut to its last %d", len(ids), room)
         return self.tok_decode(ids[-room:])
 
@@ -189,7 +191,8 @@ def device_for(device: str | None) -> str | None:
 
 def generation_settings(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
     """`llm.generate`'s parameters for a task's gen_kwargs (without max_gen_toks): greedy unless
-    `do_sample` (or a temperature) says otherwise; `until` becomes the stop strings."""
+    `do_sample` (or a temperature) says otherwise; `until` becomes the stop strings (the
+    end-of-sequence token ends generation anyway)."""
     until = gen_kwargs.pop("until", None)
     until = [until] if isinstance(until, str) else list(until or [])
     do_sample = gen_kwargs.pop("do_sample", None)
@@ -201,4 +204,6 @@ def generation_settings(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
         sampling[GENERATION_KWARGS[name]] = value
     if do_sample is False:
         sampling["temperature"] = 0.0
+    elif do_sample and "temperature" not in gen_kwargs:
+        sampling["temperature"] = 1.0  # sampling from the model's own distribution, as transformers' default
     return sampling
