@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nanoengine"
 MAP = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # Each layer may import its own and lower layers only (the top-level modules errors, threads and
 # params are the base everything stands on; the package's __init__ re-exports the public names).
-LAYERS = {"base": 0, "model": 1, "weights": 2, "engine": 2, "research": 3, "api": 4, "server": 5, "cli": 6}
+LAYERS = {"base": 0, "model": 1, "weights": 2, "engine": 2, "research": 3, "api": 4, "server": 5, "evaluation": 5, "cli": 6}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 

@@ -210,9 +210,10 @@ def test_a_bad_body_is_a_400(server_url):
     headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
     response = requests.post(f"{server_url}v1/completions", data="{not json", headers=headers, timeout=60)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
-    response = requests.post(f"{server_url}v1/completions", json={"model": MODEL, "prompt": [1, 2]}, headers=headers,
-                             timeout=60)  # fmt: skip
-    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    for prompt in ([[1, "x"]], [1.5], [], [-1], ""):
+        response = requests.post(f"{server_url}v1/completions", json={"model": MODEL, "prompt": prompt}, headers=headers,
+                                 timeout=60)  # fmt: skip
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", prompt
 
 
 def test_an_unknown_model_is_a_404(client):
@@ -286,3 +287,112 @@ def test_a_template_that_refuses_the_messages_is_a_400(tiny_llama_folder):
         assert caught.value.body["type"] == "invalid_request_error"
         fine = tiny.chat.completions.create(model="tiny", messages=not_alternating[:1], max_tokens=2, temperature=0)
         assert fine.usage.completion_tokens == 2
+
+
+# --- log-probs as the API defines them: echo, top-N alternatives, finish_reason ---
+
+ECHOED = ["The capital of France is", "1, 2, 3, 4,", "Photosynthesis turns light into"]
+
+
+def reference_logprobs(reference, ids: list[int]):
+    """transformers' log-probs (T, V) of every next token after each prefix of `ids`."""
+    import torch
+
+    with torch.inference_mode():
+        return torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def assert_top_matches(ours: dict[str, float], expected, tokenizer, k: int) -> None:
+    """Our first k alternatives are transformers' k likeliest: the same log-probs, and the same
+    tokens wherever two log-probs are not tied."""
+    values, ids = expected.topk(k)
+    items = list(ours.items())[:k]
+    assert [v for _, v in items] == pytest.approx(values.tolist(), abs=1e-4)
+    for i, (text, _) in enumerate(items):
+        tied = any(abs(values[i] - values[j]) < 1e-4 for j in range(k) if j != i)
+        assert tied or text == tokenizer.decode([int(ids[i])], skip_special_tokens=False)
+
+
+def test_echo_of_a_prompt_list_gives_every_token_and_its_alternatives_as_transformers(client, llm, smollm2_reference):
+    response = client.completions.create(model=MODEL, prompt=ECHOED, echo=True, logprobs=5, max_tokens=0, temperature=0)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    total = 0
+    for prompt, choice in zip(ECHOED, response.choices):
+        ids = llm.tokenizer.encode(prompt)
+        total += len(ids)
+        expected = reference_logprobs(smollm2_reference, ids)  # row t predicts token t + 1
+        logprobs = choice.logprobs
+        assert choice.text == prompt and choice.finish_reason == "length"
+        assert logprobs.tokens == [llm.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing predicts the first
+        want = [float(expected[t, ids[t + 1]]) for t in range(len(ids) - 1)]
+        assert logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+        for t in range(1, len(ids)):
+            top = logprobs.top_logprobs[t]
+            assert top[logprobs.tokens[t]] == logprobs.token_logprobs[t] and len(top) in (5, 6)  # the chosen one too
+            assert_top_matches(top, expected[t - 1], llm.tokenizer, 5)
+        assert logprobs.text_offset == [len("".join(logprobs.tokens[:t])) for t in range(len(ids))]
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (total, 0)
+
+
+def test_echo_with_generation_continues_the_prompt(client, llm, smollm2_reference):
+    expected = llm.complete(PROMPT, max_new_tokens=3, temperature=0)
+    response = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=3, temperature=0)
+    choice, ids = response.choices[0], llm.tokenizer.encode(PROMPT)
+    assert choice.text == PROMPT + expected.text and len(choice.logprobs.tokens) == len(ids) + 3
+    generated = llm.tokenizer.encode(PROMPT + expected.text)[len(ids) :]
+    whole = reference_logprobs(smollm2_reference, ids + generated)
+    for t in range(len(ids), len(ids) + 3):  # the engine's alternatives beside each generated token
+        assert_top_matches(choice.logprobs.top_logprobs[t], whole[t - 1], llm.tokenizer, 2)
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=3,
+                                              temperature=0, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    offsets = [o for c in streamed if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == choice.logprobs.text_offset
+
+
+def test_token_id_prompts_are_the_text_prompts(client, llm):
+    ids = [llm.tokenizer.encode(p) for p in ECHOED[:2]]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0, echo=True, logprobs=0)
+    by_text = client.completions.create(model=MODEL, prompt=ECHOED[:2], max_tokens=4, temperature=0, echo=True, logprobs=0)
+    assert [c.text for c in by_ids.choices] == [c.text for c in by_text.choices]
+    assert [c.logprobs.token_logprobs for c in by_ids.choices] == [c.logprobs.token_logprobs for c in by_text.choices]
+    assert by_ids.usage == by_text.usage
+
+
+def test_chat_top_logprobs_are_the_likeliest_tokens(client, llm, smollm2_reference):
+    from nanoengine.api.chat import chat_prompt
+
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0,
+                                              logprobs=True, top_logprobs=5)  # fmt: skip
+    ids = llm.tokenizer.encode(chat_prompt(llm.tokenizer, QUESTION))
+    first = response.choices[0].logprobs.content[0]
+    alternatives = {t.token: t.logprob for t in first.top_logprobs}
+    assert len(first.top_logprobs) == 5 and all(bytes(t.bytes).decode() == t.token for t in first.top_logprobs)
+    assert_top_matches(alternatives, reference_logprobs(smollm2_reference, ids)[-1], llm.tokenizer, 5)
+
+
+def test_finish_reason_says_what_ended_the_sequence(client, llm):
+    # " Paris" then ".": the stop string completes on the last token allowed, which is a stop, not the length
+    stopped = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0, stop=["."])
+    assert stopped.choices[0].text == " Paris" and stopped.choices[0].finish_reason == "stop"
+    cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert cut.choices[0].text == " Paris." and cut.choices[0].finish_reason == "length"
+    # The chat's answer ends at its end-of-sequence token, here exactly its last allowed token.
+    answer = llm.chat(QUESTION, max_new_tokens=60, temperature=0)
+    assert answer.num_completion_tokens < 60
+    for max_tokens, reason in [(answer.num_completion_tokens, "stop"), (answer.num_completion_tokens - 1, "length")]:
+        chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=max_tokens, temperature=0)
+        assert chat.choices[0].finish_reason == reason, max_tokens
+        streamed = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=max_tokens,
+                                                       temperature=0, stream=True))  # fmt: skip
+        assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == reason
+
+
+def test_what_the_engine_notes_for_openai_never_reaches_llmengines_json(smollm2_folder):
+    chunks = list(nanoengine.Completion.create(MODEL, PROMPT, max_new_tokens=2, temperature=0, stream=True,
+                                               return_token_log_probs=True))  # fmt: skip
+    last = chunks[-1].output
+    assert getattr(last, "finish_reason") == "length"  # noted on the chunk for the OpenAI routes
+    assert set(last.dict()) == {"text", "finished", "num_prompt_tokens", "num_completion_tokens", "token"}
+    assert set(last.dict()["token"]) == {"token", "log_prob"}

@@ -142,7 +142,7 @@ class CompletionParams:
     """The parameters of one completion, every one checked (see the module's docstring)."""
 
     model_name: str | os.PathLike | None = param(None, "a registered model name or a checkpoint folder path", optional(model_path))
-    prompt: str | None = param(None, "the text to continue", prompt_text, "prompt")
+    prompt: str | None = param(None, "the text to continue", prompt_text)
     max_new_tokens: int = param(
         20, "the most tokens to generate", integer(0), "max_tokens",
         {"type": int, "default": 128, "metavar": "N", "help": "most tokens to generate"},
@@ -155,13 +155,13 @@ class CompletionParams:
         10, "seconds for the whole request, waiting for the model included", seconds, None,
         {"type": float, "default": 600.0, "metavar": "SECONDS", "help": "give up after this long"},
     )  # fmt: skip
-    stream: bool = param(False, "hand the text out in chunks as it comes", flag, "stream")
+    stream: bool = param(False, "hand the text out in chunks as it comes", flag)
     _: KW_ONLY
     stop_sequences: tuple[str, ...] | list[str] | None = param(
         None, "end the completion at the first of these strings", optional(stop_strings, ()), "stop",
         {"flag": "--stop", "action": "append", "metavar": "TEXT", "help": "end the completion at TEXT (repeat for several)"},
     )  # fmt: skip
-    return_token_log_probs: bool | None = param(False, "give each token with its log-probability", optional(flag, False))
+    return_token_log_probs: bool | None = param(False, "give each token with its log-probability", optional(flag, False), "logprobs")
     presence_penalty: float | None = param(
         None, "subtracted once from each token already generated", optional(number(0, 2), 0.0), "presence_penalty"
     )

@@ -83,11 +83,16 @@ def prepare(request: CompletionParams) -> tuple[LoadedModel, list[int]]:
 
 
 def submit(
-    request: CompletionParams, loaded: LoadedModel | None = None, prompt_ids: list[int] | None = None, live: bool = True
+    request: CompletionParams,
+    loaded: LoadedModel | None = None,
+    prompt_ids: list[int] | None = None,
+    live: bool = True,
+    top_logprobs: int = 0,
 ) -> tuple[Handle | NoTokens, CompletionParams, float, OutputBuilder | None]:
     """Hand the request to its model's engine; return what its stream reads: the engine's handle
     (an empty one for zero new tokens), the request, its deadline and its output builder.
-    `live=False` marks offline batch work, which the engine runs at full width.
+    `live=False` marks offline batch work, which the engine runs at full width; `top_logprobs`
+    asks for each token's likeliest alternatives (the OpenAI routes).
 
     The clock of `timeout` starts once the model is loaded: loading (or fetching) happens once
     per process, and a first request should not fail for it. Waiting for a free slot does count.
@@ -98,4 +103,5 @@ def submit(
     if request.max_new_tokens == 0:
         return NoTokens(len(prompt_ids)), request, deadline, None
     builder = OutputBuilder(request, loaded.tokenizer, loaded.engine.eos_ids, len(prompt_ids))
-    return loaded.engine.submit(request, prompt_ids, deadline, Mailbox(), live), request, deadline, builder
+    handle = loaded.engine.submit(request, prompt_ids, deadline, Mailbox(), live, top_logprobs)
+    return handle, request, deadline, builder

@@ -7,6 +7,11 @@ incremental detokenizer), nothing that may still become a stop string (`StopChec
 cumulative counts, `finished` on the last chunk only. So detokenizing and stop strings run on
 the reader's thread, never the engine's; a stop string completed here aborts the request in the
 engine, which may have run a step or two further meanwhile (as vLLM's engine core does).
+
+Beyond llmengine's fields, the builder notes two things for the OpenAI routes, as plain attributes
+rather than dataclass fields, so that `dict()`/`json()` (which read fields only) still give exactly
+llmengine's JSON: on the last chunk, why the sequence ended (`finish_reason_of`), and on a token,
+when the request asked, its likeliest alternatives (`top_logprobs_of`).
 """
 
 from __future__ import annotations
@@ -45,31 +50,42 @@ class OutputBuilder:
         """The chunks for tokens that arrived together: one per token when each carries its
         log-probability, else one with their text joined. Tokens after the end are dropped."""
         chunks = []
-        for token_id, logprob in zip(tokens.ids, tokens.logprobs):
+        alternatives = tokens.alternatives or [None] * len(tokens.ids)
+        for token_id, logprob, top in zip(tokens.ids, tokens.logprobs, alternatives):
             if self.finished:
                 break
-            chunks.append(self._chunk(token_id, logprob))
+            chunks.append(self._chunk(token_id, logprob, top))
         if self.request.return_token_log_probs or len(chunks) <= 1:
             return chunks
-        return [replace(chunks[-1], text="".join(c.text for c in chunks))]
+        merged = replace(chunks[-1], text="".join(c.text for c in chunks))
+        if finish_reason_of(chunks[-1]) is not None:
+            merged.finish_reason = finish_reason_of(chunks[-1])
+        return [merged]
 
-    def _chunk(self, token_id: int, logprob: float) -> CompletionStreamOutput:
+    def _chunk(self, token_id: int, logprob: float, alternatives: list[tuple[int, float]] | None) -> CompletionStreamOutput:
         """The chunk for the next token; it is the last (`finished`) at an end-of-sequence token,
-        at `max_new_tokens`, or when a stop string completes."""
+        at `max_new_tokens`, or when a stop string completes. `alternatives` are the likeliest
+        (token id, log-prob) pairs at this step, when the request asked for them."""
         self.count += 1
-        last = token_id in self.eos_ids or self.count == self.request.max_new_tokens
+        ended = token_id in self.eos_ids
+        last = ended or self.count == self.request.max_new_tokens
         text = self._text(token_id, last)
         self.finished = last or self.stops.stopped
         token = None
         if self.request.return_token_log_probs:
             token = TokenOutput(token=self.tokenizer.decode([token_id], skip_special_tokens=False), log_prob=logprob)
-        return CompletionStreamOutput(
+            if alternatives is not None:
+                token.top_logprobs = alternatives
+        chunk = CompletionStreamOutput(
             text=text,
             finished=self.finished,
             num_prompt_tokens=self.num_prompt_tokens if self.finished else None,
             num_completion_tokens=self.count,
             token=token,
         )
+        if self.finished:
+            chunk.finish_reason = "stop" if ended or self.stops.stopped else "length"
+        return chunk
 
     def _text(self, token_id: int, last: bool) -> str:
         # As in vLLM, the end-of-sequence token's own text is output only on request.
@@ -81,6 +97,18 @@ class OutputBuilder:
         if last or self.stops.stopped:
             text += self.stops.flush()  # held back for a stop string that can no longer complete
         return text
+
+
+def finish_reason_of(chunk: CompletionStreamOutput) -> str | None:
+    """Why a stream's last chunk ended it: "stop" (an end-of-sequence token or a stop string) or
+    "length" (`max_new_tokens`); None on the other chunks."""
+    return getattr(chunk, "finish_reason", None)
+
+
+def top_logprobs_of(token: TokenOutput) -> list[tuple[int, float]] | None:
+    """The likeliest (token id, log-prob) pairs where `token` was chosen, likeliest first; None
+    unless the request asked (`submit(..., top_logprobs=N)`)."""
+    return getattr(token, "top_logprobs", None)
 
 
 Item = Tokens | BaseException
@@ -103,7 +131,7 @@ class Mailbox:
         """Leave an item; False when the reader's event loop has closed (nobody will read it)."""
         with self._lock:
             if self._items and isinstance(self._items[-1], Tokens) and isinstance(item, Tokens):
-                self._items[-1] = Tokens(self._items[-1].ids + item.ids, self._items[-1].logprobs + item.logprobs)
+                self._items[-1] = self._items[-1].then(item)
             else:
                 self._items.append(item)
             self._ready.notify()

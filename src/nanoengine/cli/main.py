@@ -74,7 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,  # --help goes to the benchmark script, which names itself `nanoengine bench`
         prefix_chars="\0",  # every argument goes to the benchmark script
     ).add_argument("bench_args", nargs="*", metavar="ARG")
+    add_eval(commands)
     return parser
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "eval",
+        help="evaluate a model with lm-evaluation-harness (lm-eval run's options; --model is nanoengine)",
+        add_help=False,  # --help goes to lm-eval, whose options these are
+        prefix_chars="\0",  # every argument goes to lm-eval
+    ).add_argument("eval_args", nargs="*", metavar="ARG")
 
 
 def add_complete(commands: argparse._SubParsersAction) -> None:
@@ -174,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
     run = {
         "complete": run_complete, "chat": run_chat, "serve": run_serve, "inspect": run_inspect,
-        "fetch": run_fetch, "models": run_models, "bench": run_bench,
+        "fetch": run_fetch, "models": run_models, "bench": run_bench, "eval": run_eval,
     }  # fmt: skip
     try:
         return run[args.command](args)
@@ -303,3 +313,22 @@ def run_bench(args: argparse.Namespace) -> int:
     sys.modules[spec.name] = bench  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
     return bench.main(args.bench_args, prog="nanoengine bench")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """`lm-eval run --model nanoengine ARGS...`, in this process, with nanoengine's model registered."""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        from ..evaluation import harness  # noqa: F401  (registers the model `nanoengine`)
+    except ImportError as err:
+        raise NanoEngineError(f"nanoengine eval needs lm-eval: pip install 'nanoengine[eval]' ({err})") from None
+    argv = sys.argv
+    sys.argv = ["nanoengine eval", "run", "--model", "nanoengine", *args.eval_args]  # lm-eval reads sys.argv
+    try:
+        cli_evaluate()
+    except SystemExit as exit_:  # lm-eval's usage errors and --help
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+    return 0

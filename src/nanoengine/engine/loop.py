@@ -31,7 +31,7 @@ from .compiling import COMPILE_AFTER_TOKENS, BackgroundCompile
 from ..errors import InvalidParameterError, RequestTimeoutError
 from ..model.decoder import CausalLM
 from .runner import ModelRunner
-from .sampling import Sampler, SamplingParams, sample
+from .sampling import Sampler, SamplingParams, sample, top_alternatives
 from .scheduler import PrefillBatch, Scheduler, Sequence
 from ..params import CompletionParams
 
@@ -61,6 +61,13 @@ class Tokens:
 
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # Per token, its likeliest (token id, log-prob) alternatives, for a request that asked.
+    alternatives: list[list[tuple[int, float]]] | None = None
+
+    def then(self, later: Tokens) -> Tokens:
+        """These tokens followed by `later`'s (a reader that lags gets them as one item)."""
+        alternatives = None if self.alternatives is None else self.alternatives + (later.alternatives or [])
+        return Tokens(self.ids + later.ids, self.logprobs + later.logprobs, alternatives)
 
 
 class Outbox(Protocol):
@@ -78,6 +85,7 @@ class RequestState:
     request: CompletionParams
     sampler: Sampler
     mailbox: Outbox
+    top_logprobs: int = 0  # likeliest alternatives reported beside each token (OpenAI's top_logprobs)
 
 
 class Handle:
@@ -137,13 +145,15 @@ class Engine:
             )
 
     def submit(
-        self, request: CompletionParams, prompt_ids: list[int], deadline: float, mailbox: Outbox, live: bool = True
-    ) -> Handle:
+        self, request: CompletionParams, prompt_ids: list[int], deadline: float, mailbox: Outbox,
+        live: bool = True, top_logprobs: int = 0,
+    ) -> Handle:  # fmt: skip
         """Queue a request (checked, tokenized); its tokens arrive in `mailbox`. `live=False` marks
-        offline batch work, run at full width (`scheduler.py`)."""
+        offline batch work, run at full width (`scheduler.py`); `top_logprobs` asks for each
+        token's likeliest alternatives, taken from the logits it was sampled from."""
         self.check_length(len(prompt_ids), request.max_new_tokens)
         sampler = Sampler(SamplingParams.of(request), self.model.config.vocab_size, self.runner.device)
-        state = RequestState(request, sampler, mailbox)
+        state = RequestState(request, sampler, mailbox, top_logprobs)
         seq = Sequence(prompt_ids, request.max_new_tokens, deadline, state, live=live)
         with self._wake:
             if self._stopping:
@@ -226,10 +236,12 @@ class Engine:
     def _sampled(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Sample a token for each row, hand it out, and free the rows that finished."""
         tokens, logprobs = sample([seq.state.sampler for seq in rows], logits)
-        for seq, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+        alternatives = top_alternatives(logits, [seq.state.top_logprobs for seq in rows])  # None unless asked
+        for b, (seq, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             seq.next_token, seq.generated = token, seq.generated + 1
             finished = token in self.eos_ids or seq.generated == seq.max_new_tokens
-            self._deliver(seq, Tokens([token], [logprob]), finished)
+            top = [alternatives[b]] if alternatives is not None and seq.state.top_logprobs else None
+            self._deliver(seq, Tokens([token], [logprob], top), finished)
 
     def _deliver(self, seq: Sequence, item: Tokens | BaseException, finished: bool) -> None:
         if not seq.state.mailbox.put(item) or finished:  # nobody reads it any more, or it is done

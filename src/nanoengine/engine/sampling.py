@@ -1,4 +1,5 @@
-"""Choosing the next token from the logits: greedy, or temperature with top-k/top-p and penalties."""
+"""Choosing the next token from the logits: greedy, or temperature with top-k/top-p and penalties;
+and, for the rows that ask, the likeliest alternatives (OpenAI's `top_logprobs`)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def sample(samplers: list[Sampler], logits: torch.Tensor) -> tuple[torch.Tensor,
         if s.counts is not None:
             s.counts[token] += 1
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+@torch.inference_mode()
+def top_alternatives(logits: torch.Tensor, counts: list[int]) -> list[list[tuple[int, float]]] | None:
+    """Row b's `counts[b]` likeliest tokens in `logits` (B, V), likeliest first, with their
+    log-probabilities under the model, computed as `sample` computes the chosen token's (so the two
+    agree exactly); None, with no work done, when no row asks."""
+    if not any(counts):
+        return None
+    asked = [b for b, n in enumerate(counts) if n]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[asked]  # (A, V)
+    values, ids = logprobs.topk(min(max(counts), logprobs.shape[-1]), dim=-1)  # (A, N), descending
+    rows: list[list[tuple[int, float]]] = [[] for _ in counts]
+    for row, b in enumerate(asked):
+        rows[b] = list(zip(ids[row, : counts[b]].tolist(), values[row, : counts[b]].tolist()))
+    return rows
 
 
 def _any_counts(samplers: list[Sampler]) -> bool:

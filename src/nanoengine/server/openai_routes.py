@@ -1,9 +1,10 @@
 """OpenAI-compatible routes on `nanoengine serve`, for the official `openai` client and the tools built on it.
 
 `POST /v1/completions`, `POST /v1/chat/completions` (JSON, or server-sent events ending in
-`data: [DONE]`) and `GET /v1/models`, beside LLM Engine's routes and over the same
-`Completion.acreate`. A request for `n` samples runs them as `n` concurrent requests, which the
-engine batches. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and
+`data: [DONE]`) and `GET /v1/models`, beside LLM Engine's routes and over the same engine as
+`Completion.acreate`. A request for `n` samples of several prompts runs them as concurrent
+requests, which the engine batches; `echo` scores the prompts in one batched pass. Errors have
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and
 the server's API key is expected as `Authorization: Bearer KEY`.
 
 Imported only by `app.create_app`, once FastAPI is known to be installed.
@@ -17,8 +18,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..api.completion import AsyncCompletionStream
-from .openai_schema import OpenAIError, OpenAIJob, as_openai_error
+from ..api.outputs import AsyncCompletionStream
+from .openai_errors import OpenAIError, as_openai_error
+from .openai_schema import OpenAIJob
 from .common import (
     ClientGone, InFlight, RequestRecord, ServerSettings, event_stream_response_class, key_matches, read_json,
     unless_disconnected,
@@ -60,9 +62,9 @@ def openai_router(settings: ServerSettings, in_flight: InFlight) -> APIRouter:
                 streams = await job.open_streams()
                 streaming = True
                 return event_stream(EventStream(job, streams, record), media_type="text/event-stream")
-            outputs = await unless_disconnected(request, job.run())
-            record.tokens, record.outcome = sum(o.num_completion_tokens for o in outputs), "200"
-            return JSONResponse(job.response(outputs))
+            choices, echoed = await unless_disconnected(request, job.run())
+            record.tokens, record.outcome = sum(c.num_completion_tokens for c in choices), "200"
+            return JSONResponse(job.response(choices, echoed))
         except ClientGone:
             return Response(status_code=499)
         except Exception as err:

@@ -1,73 +1,43 @@
-"""OpenAI's request fields and response shapes, over `Completion.acreate`: the work behind `openai_api`.
+"""OpenAI's request fields and response shapes, over the engine that `Completion` uses: the work behind `openai_routes`.
 
-An `OpenAIJob` is one request checked (a 400 naming the field otherwise) and turned into
-`acreate` calls, one per prompt and sample, then the answers shaped as OpenAI's `text_completion`,
-`chat.completion` or `chat.completion.chunk` objects.
+An `OpenAIJob` is one request checked (a 400 naming the field otherwise) and turned into one
+completion request per prompt and sample, all submitted at once so that the engine batches them,
+then the answers shaped as OpenAI's `text_completion`, `chat.completion` or `chat.completion.chunk`
+objects. The requests are `Completion.acreate`'s (checked as `CompletionParams`, submitted by
+`completion.submit`), plus what only OpenAI asks: the prompt as token ids, the likeliest
+alternatives beside each token, and `echo` (the prompt's tokens scored in one pass, batched over
+the request's prompts: `research.prompt_logprobs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
-from ..api.chat import chat_prompt
-from ..api.completion import AsyncCompletionStream, Completion
-from ..errors import CheckpointError, InvalidParameterError, UnknownModelError
-from ..api.models import get_model
-from .common import ApiError, RequestRecord
-from ..api.types import CompletionOutput, CompletionStreamOutput, TokenOutput
+from ..api.completion import submit
+from ..api.models import LoadedModel, get_model
+from ..api.outputs import AsyncCompletionStream, finish_reason_of
+from ..api.types import CompletionStreamOutput, TokenOutput
+from ..params import CompletionParams
+from ..research.prompt_logprobs import TokenListScores, score_token_lists
+from .common import RequestRecord
+from .openai_errors import OpenAIError, as_openai_error
+from .openai_logprobs import chat_logprobs, completion_logprobs, echoed_tokens, generated_tokens
+from .openai_prompts import Prompt, chat_prompt_and_room, completion_prompts
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the sequence's end
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limits
 MAX_TOP_LOGPROBS = 20
-# Our parameter names in error messages, as an OpenAI client spells them.
-OPENAI_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "return_token_log_probs": "logprobs"}
-# Request fields that a 400's message may begin with, reported as the error's `param`.
-FIELDS = ("messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
-          "frequency_penalty", "n", "logprobs", "top_logprobs")  # fmt: skip
 UNSUPPORTED = {
-    "completions": ("suffix", "logit_bias", "echo"),
+    "completions": ("suffix", "logit_bias"),
     "chat": ("tools", "functions", "logit_bias", "audio", "prediction", "function_call", "tool_choice"),
 }
-
-
-class OpenAIError(ApiError):
-    """An error answered in OpenAI's shape (an `ApiError`, so that the request's log line has its status)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(status, message)
-        self.message, self.param, self.code = message, param, code
-        self.type = "invalid_request_error" if status < 500 else "server_error"
-
-    def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
-
-
-def as_openai_error(err: BaseException) -> OpenAIError:
-    if isinstance(err, OpenAIError):
-        return err
-    if isinstance(err, ApiError):  # a body too large or not JSON
-        return OpenAIError(err.status, err.detail)
-    message = str(err)
-    for ours, theirs in OPENAI_NAMES.items():
-        message = message.replace(ours, theirs)
-    if isinstance(err, UnknownModelError):
-        return OpenAIError(404, message, "model", "model_not_found")
-    if isinstance(err, (InvalidParameterError, CheckpointError)):  # CheckpointError here: no chat template
-        field = re.match(r"\w+", message)
-        return OpenAIError(400, message, field[0] if field and field[0] in FIELDS else None)
-    if isinstance(err, TimeoutError):
-        return OpenAIError(500, message, code="timeout")
-    return OpenAIError(500, f"internal error: {type(err).__name__}: {message}")
 
 
 def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], allowed: str, default: Any = None) -> Any:
@@ -87,21 +57,33 @@ def _int_in(body: dict[str, Any], name: str, low: int, high: int, default: int |
     return value
 
 
+@dataclass
+class Choice:
+    """One choice's generation, read from its stream to the end."""
+
+    text: str = ""
+    tokens: list[TokenOutput] = field(default_factory=list)
+    num_completion_tokens: int = 0
+    finish_reason: str = "length"
+
+
 class OpenAIJob:
-    """One OpenAI request, checked and turned into `Completion.acreate` calls: prompts times `n`."""
+    """One OpenAI request, checked and turned into completion requests: prompts times `n`."""
 
     def __init__(
-        self, kind: str, model: str, prompts: list[str], sampling: dict[str, Any], options: dict[str, Any]
-    ) -> None:
-        self.kind, self.model, self.prompts, self.sampling = kind, model, prompts, sampling
+        self, kind: str, model: str, loaded: LoadedModel, prompts: list[Prompt], sampling: dict[str, Any],
+        options: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.kind, self.model, self.loaded, self.prompts, self.sampling = kind, model, loaded, prompts, sampling
         self.n, self.stream, self.include_usage = options["n"], options["stream"], options["include_usage"]
+        self.echo = options["echo"]
         # completions: logprobs=0 asks for the chosen tokens' logprobs too; chat: logprobs=false is no
         self.logprobs = options["logprobs"] is not None and options["logprobs"] is not False
-        self.top_logprobs = options["top_logprobs"]
+        self.top_n = options["top_logprobs"] if self.logprobs else 0
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        if self.logprobs:
-            self.sampling["return_token_log_probs"] = True
+        self._texts: dict[int, str] = {}  # token id -> its text, decoded once per request
+        self._echoed: list[TokenListScores] | None = None  # a stream's echo scores
 
     @classmethod
     async def build(cls, kind: str, body: dict[str, Any], target: str, timeout: float) -> OpenAIJob:
@@ -110,11 +92,12 @@ class OpenAIJob:
             if body.get(name) not in (None, False, {}, [], "none"):
                 raise OpenAIError(400, f"{name} is not supported by nanoengine", name)
         options = request_options(kind, body)  # checked before the prompt is rendered
+        loaded = await asyncio.to_thread(get_model, target)
         if kind == "chat":
-            prompts, remaining = await asyncio.to_thread(chat_prompt_and_room, target, body.get("messages"))
-            default_max = remaining
+            prompts, default_max = await asyncio.to_thread(chat_prompt_and_room, loaded, body.get("messages"))
         else:
-            prompts, default_max = completion_prompts(body.get("prompt")), COMPLETIONS_DEFAULT_MAX_TOKENS
+            prompts = await asyncio.to_thread(completion_prompts, loaded.tokenizer, body.get("prompt"))
+            default_max = COMPLETIONS_DEFAULT_MAX_TOKENS
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         best_of = body.get("best_of")
         if kind == "completions" and best_of is not None and best_of != body.get("n", 1):
@@ -130,81 +113,95 @@ class OpenAIJob:
             "presence_penalty": _field(body, "presence_penalty", (int, float), "a number") or None,
             "frequency_penalty": _field(body, "frequency_penalty", (int, float), "a number") or None,
         }
-        return cls(kind, body["model"], prompts, sampling, options)
+        return cls(kind, body["model"], loaded, prompts, sampling, options)
 
-    def calls(self) -> list[dict[str, Any]]:
-        """`acreate` keywords per choice, in choice order; sample `j` of a seeded request gets seed + j."""
-        calls = []
+    def requests(self) -> list[tuple[CompletionParams, Prompt]]:
+        """Each choice's checked request and prompt, in choice order; sample `j` of a seeded request gets seed + j."""
+        requests = []
         for prompt in self.prompts:
             for j in range(self.n):
                 seed = self.sampling["seed"]
-                calls.append({**self.sampling, "prompt": prompt, "seed": None if seed is None else seed + j})
-        return calls
-
-    async def run(self) -> list[CompletionOutput]:
-        responses = await asyncio.gather(*(Completion.acreate(**call) for call in self.calls()))
-        return [r.output for r in responses]
+                params = {**self.sampling, "prompt": prompt.text, "seed": None if seed is None else seed + j}
+                request = CompletionParams(**params, return_token_log_probs=self.logprobs)
+                self.loaded.engine.check_length(len(prompt.ids), request.max_new_tokens)
+                requests.append((request, prompt))
+        return requests
 
     async def open_streams(self) -> list[AsyncCompletionStream]:
-        """Every choice's stream, started; if one cannot start, the others are closed and its error raised."""
+        """Every choice's stream, started (every request checked first); if one cannot start, the
+        others are closed and its error raised."""
         streams: list[AsyncCompletionStream] = []
         try:
-            for call in self.calls():
-                streams.append(await Completion.acreate(**call, stream=True))
+            for request, prompt in self.requests():
+                streams.append(AsyncCompletionStream(str(uuid.uuid4()), *submit(request, self.loaded, prompt.ids, top_logprobs=self.top_n)))
         except BaseException:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
             raise
         return streams
 
-    def finish_reason(self, num_completion_tokens: int | None) -> str:
-        return "length" if (num_completion_tokens or 0) >= self.sampling["max_new_tokens"] else "stop"
+    async def run(self) -> tuple[list[Choice], list[TokenListScores] | None]:
+        """Every choice read to its end, and the prompts' scores when echoed."""
+        streams = await self.open_streams()
+        try:
+            echoed = await self.echo_scores()  # while the engine generates
+            return list(await asyncio.gather(*(read_choice(s) for s in streams))), echoed
+        finally:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
 
-    def response(self, outputs: list[CompletionOutput]) -> dict[str, Any]:
-        choices = [self.choice(i, o) for i, o in enumerate(outputs)]
-        prompt_tokens = sum(o.num_prompt_tokens or 0 for o in outputs[:: self.n])  # each prompt once
+    async def echo_scores(self) -> list[TokenListScores] | None:
+        """Per prompt, its tokens' log-probs and alternatives, in one batched pass over the prompts."""
+        if not self.echo:
+            return None
+        model, ids = self.loaded.model, [p.ids for p in self.prompts]
+        return await asyncio.to_thread(score_token_lists, model, ids, self.top_n)
+
+    def decode(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._texts[token_id]
+
+    def response(self, choices: list[Choice], echoed: list[TokenListScores] | None) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion" if self.kind == "chat" else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": choices,
-            "usage": usage(prompt_tokens, sum(o.num_completion_tokens for o in outputs)),
+            "choices": [self.choice(i, c, echoed) for i, c in enumerate(choices)],
+            "usage": usage(sum(len(p.ids) for p in self.prompts), sum(c.num_completion_tokens for c in choices)),
         }
 
-    def choice(self, index: int, output: CompletionOutput) -> dict[str, Any]:
-        reason = self.finish_reason(output.num_completion_tokens)
-        tokens = output.tokens or []
+    def choice(self, index: int, choice: Choice, echoed: list[TokenListScores] | None) -> dict[str, Any]:
+        tokens = generated_tokens(choice.tokens, self.decode)
         if self.kind == "chat":
-            message = {"role": "assistant", "content": output.text, "refusal": None}
-            logprobs = self.chat_logprobs(tokens) if self.logprobs else None
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+            message = {"role": "assistant", "content": choice.text, "refusal": None}
+            logprobs = chat_logprobs(tokens) if self.logprobs else None
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        text = choice.text
+        if echoed is not None:
+            prompt = self.prompts[index // self.n]
+            text = prompt.text + text
+            tokens = echoed_tokens(echoed[index // self.n], self.decode) + tokens
         logprobs = completion_logprobs(tokens) if self.logprobs else None
-        return {"index": index, "text": output.text, "logprobs": logprobs, "finish_reason": reason}
-
-    def chat_logprobs(self, tokens: list[TokenOutput]) -> dict[str, Any]:
-        """OpenAI's chat shape; the alternatives hold the chosen token only (the engine reports no others)."""
-
-        def entry(token: TokenOutput) -> dict[str, Any]:
-            return {"token": token.token, "logprob": token.log_prob, "bytes": list(token.token.encode())}
-
-        content = [{**entry(t), "top_logprobs": [entry(t)] if self.top_logprobs else []} for t in tokens]
-        return {"content": content, "refusal": None}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
     async def events(self, streams: list[AsyncCompletionStream], record: RequestRecord) -> AsyncIterator[str]:
-        """Server-sent events: the choices' chunks as they come, then the usage if asked, then `[DONE]`."""
-        prompt_tokens, completion_tokens = 0, [0] * len(streams)
+        """Server-sent events: the echoed prompts, the choices' chunks as they come, then the usage
+        if asked, then `[DONE]`."""
+        completion_tokens = [0] * len(streams)
+        offsets = [0] * len(streams)  # where each choice's next text starts, for `text_offset`
         try:
-            if self.kind == "chat":
-                for index in range(len(streams)):
-                    yield sse(self.chunk(index, {"delta": {"role": "assistant", "content": ""}}))
+            for index in range(len(streams)):
+                event, offsets[index] = await self.first_event(index)
+                if event is not None:
+                    yield sse(event)
             async for index, output in merged(streams):
                 completion_tokens[index] = output.num_completion_tokens or 0
-                if output.finished and index % self.n == 0:
-                    prompt_tokens += output.num_prompt_tokens or 0
-                for event in self.stream_events(index, output):
+                events, offsets[index] = self.stream_events(index, output, offsets[index])
+                for event in events:
                     yield sse(event)
             if self.include_usage:
-                yield sse({**self.chunk(0, {}), "choices": [], "usage": usage(prompt_tokens, sum(completion_tokens))})
+                counts = usage(sum(len(p.ids) for p in self.prompts), sum(completion_tokens))
+                yield sse({**self.chunk(0, {}), "choices": [], "usage": counts})
             record.outcome = "200"
         except Exception as err:
             record.fail(err)
@@ -215,21 +212,34 @@ class OpenAIJob:
             record.finish()
         yield "data: [DONE]\n\n"
 
-    def stream_events(self, index: int, output: CompletionStreamOutput) -> list[dict[str, Any]]:
-        tokens = [output.token] if output.token is not None else []
+    async def first_event(self, index: int) -> tuple[dict[str, Any] | None, int]:
+        """A chat's opening role delta, or a completion's echoed prompt; and the text offset after it."""
+        if self.kind == "chat":
+            return self.chunk(index, {"delta": {"role": "assistant", "content": ""}}), 0
+        if not self.echo:
+            return None, 0
+        if index == 0:
+            self._echoed = await self.echo_scores()
+        prompt = self.prompts[index // self.n]
+        tokens = echoed_tokens(self._echoed[index // self.n], self.decode)
+        logprobs = completion_logprobs(tokens) if self.logprobs else None
+        return self.chunk(index, {"text": prompt.text, "logprobs": logprobs}), len(prompt.text)
+
+    def stream_events(self, index: int, output: CompletionStreamOutput, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The events for one chunk of choice `index`, and the text offset after them."""
+        tokens = generated_tokens([output.token] if output.token is not None else [], self.decode)
         events = []
         if output.text or tokens:
             if self.kind == "chat":
-                logprobs = self.chat_logprobs(tokens) if self.logprobs else None
+                logprobs = chat_logprobs(tokens) if self.logprobs else None
                 events.append(self.chunk(index, {"delta": {"content": output.text}, "logprobs": logprobs}))
             else:
-                logprobs = completion_logprobs(tokens) if self.logprobs else None
+                logprobs = completion_logprobs(tokens, offset) if self.logprobs else None
                 events.append(self.chunk(index, {"text": output.text, "logprobs": logprobs}))
         if output.finished:
-            reason = self.finish_reason(output.num_completion_tokens)
             empty = {"delta": {}} if self.kind == "chat" else {"text": ""}
-            events.append(self.chunk(index, {**empty, "finish_reason": reason}))
-        return events
+            events.append(self.chunk(index, {**empty, "finish_reason": finish_reason_of(output) or "length"}))
+        return events, offset + len(output.text)
 
     def chunk(self, index: int, choice: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -241,13 +251,27 @@ class OpenAIJob:
         }
 
 
+async def read_choice(stream: AsyncCompletionStream) -> Choice:
+    choice = Choice()
+    async for response in stream:
+        output = response.output
+        choice.text += output.text
+        if output.token is not None:
+            choice.tokens.append(output.token)
+        choice.num_completion_tokens = output.num_completion_tokens or 0
+        if output.finished:
+            choice.finish_reason = finish_reason_of(output) or "length"  # none only for zero new tokens
+    return choice
+
+
 def request_options(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    """`n`, `stream`, `stream_options` and the log-prob options (completions: `logprobs: int`; chat:
-    `logprobs: bool` and `top_logprobs: int`)."""
+    """`n`, `stream`, `stream_options`, `echo` and the log-prob options (completions: `logprobs: int`;
+    chat: `logprobs: bool` and `top_logprobs: int`)."""
     stream = _field(body, "stream", (bool,), "true or false", False)
     stream_options = _field(body, "stream_options", (dict,), "an object", {})
     if kind == "completions":
-        logprobs, top = _int_in(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, None), 0
+        logprobs = _int_in(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, None)
+        top = logprobs or 0
     else:
         logprobs = _field(body, "logprobs", (bool,), "true or false", False)
         top = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
@@ -257,25 +281,10 @@ def request_options(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         "n": _int_in(body, "n", 1, MAX_N, 1),
         "stream": stream,
         "include_usage": stream and bool(stream_options.get("include_usage")),
+        "echo": kind == "completions" and _field(body, "echo", (bool,), "true or false", False),
         "logprobs": logprobs,
         "top_logprobs": top,
     }
-
-
-def chat_prompt_and_room(target: str, messages: Any) -> tuple[list[str], int]:
-    """The chat's prompt, and how many tokens the engine's longest sequence leaves after it."""
-    loaded = get_model(target)
-    prompt = chat_prompt(loaded.tokenizer, messages)
-    room = loaded.engine.max_seq_len - len(loaded.tokenizer.encode(prompt))
-    return [prompt], max(room, 1)  # a prompt that fills the context is refused by the completion, by name
-
-
-def completion_prompts(prompt: Any) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return prompt
-    raise OpenAIError(400, "prompt must be a string or a non-empty list of strings (token ids are not supported)", "prompt")
 
 
 def stop_sequences(stop: Any) -> list[str] | None:
@@ -284,20 +293,6 @@ def stop_sequences(stop: Any) -> list[str] | None:
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return stop
     raise OpenAIError(400, f"stop must be a string or a list of strings, not {stop!r}", "stop")
-
-
-def completion_logprobs(tokens: list[TokenOutput]) -> dict[str, Any]:
-    """The legacy completions shape; `top_logprobs` holds the chosen token only (the engine reports no others)."""
-    offsets, offset = [], 0
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token.token)
-    return {
-        "tokens": [t.token for t in tokens],
-        "token_logprobs": [t.log_prob for t in tokens],
-        "top_logprobs": [{t.token: t.log_prob} for t in tokens],
-        "text_offset": offsets,
-    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""Evaluation harnesses on nanoengine (optional extra `eval`): lm-evaluation-harness's `nanoengine` model."""
