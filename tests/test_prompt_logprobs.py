@@ -7,7 +7,7 @@ import torch
 
 from nanoengine.engine.sampling import Sampler, SamplingParams, sample, top_alternatives
 from nanoengine.research.prompt_logprobs import score_token_lists
-from nanoengine.research.scoring import batch_logprobs
+from nanoengine.engine.runner import sequence_logprobs
 
 
 def test_top_alternatives_are_the_likeliest_with_the_log_probs_sample_reports():
@@ -26,7 +26,7 @@ def test_scores_are_scorings_own_and_the_alternatives_come_from_the_same_pass(sm
     sequences = [smollm2.tokenizer.encode(t) for t in ["The capital of France is Paris", "1, 2, 3", "Hi"]]
     plain = score_token_lists(smollm2.model, sequences)
     ranked = score_token_lists(smollm2.model, sequences, top_n=3, batch_tokens=16)  # several passes
-    assert [s.token_logprobs for s in plain] == batch_logprobs(smollm2.model, sequences)
+    assert [s.token_logprobs for s in plain] == sequence_logprobs(smollm2.model, sequences)
     for a, b, ids in zip(plain, ranked, sequences):
         assert b.token_ids == ids and b.token_logprobs == pytest.approx(a.token_logprobs, abs=1e-4)  # other padding
         assert all(len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1] for top in b.top)

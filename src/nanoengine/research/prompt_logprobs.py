@@ -4,7 +4,7 @@ What OpenAI's `echo` with `logprobs: N` answers, and what an evaluation harness'
 requests need (the log-probability of a continuation, and whether greedy decoding would have
 produced it). The sequences are run as `scoring.py` runs texts: grouped by length
 (`scoring.length_batches`), right-padded, one forward pass per group without a KV cache; with no
-alternatives asked, the pass is `scoring.batch_logprobs` itself.
+alternatives asked, the pass is `runner.sequence_logprobs` itself.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .scoring import DEFAULT_BATCH_TOKENS, batch_logprobs, length_batches
+from ..engine.runner import sequence_logprobs
+from .scoring import DEFAULT_BATCH_TOKENS, length_batches
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def score_token_lists(
         if top_n:
             scored = _logprobs_and_top(model, rows, top_n)
         else:
-            scored = [(values, [[] for _ in values]) for values in batch_logprobs(model, rows)]
+            scored = [(values, [[] for _ in values]) for values in sequence_logprobs(model, rows)]
         for index, (values, top) in zip(batch, scored):
             results[index] = TokenListScores(sequences[index], values, top)
     return results  # type: ignore[return-value]
@@ -51,7 +52,7 @@ def score_token_lists(
 def _logprobs_and_top(
     model: torch.nn.Module, sequences: list[list[int]], top_n: int
 ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
-    """`scoring.batch_logprobs`'s values, and from the same logits each position's `top_n` likeliest
+    """`runner.sequence_logprobs`'s values, and from the same logits each position's `top_n` likeliest
     tokens (their log-probs computed the same way, so a greedy token's two values are equal)."""
     device = model.lm_head.weight.device
     longest = max(len(ids) for ids in sequences)
