@@ -243,18 +243,26 @@ async def wait_for_disconnect(request: "Request") -> None:
 
 
 def event_stream_response_class() -> type:
-    """A streaming response that always closes its body generator, however the sending ended.
+    """A streaming response that always closes its body generator, however the sending ended, and
+    then finishes the request's record: the one place a streamed request's log line is written.
 
     (Depending on the ASGI server, Starlette may just stop iterating when the client leaves.)
     """
     from starlette.responses import StreamingResponse
 
     class EventStreamResponse(StreamingResponse):
+        def __init__(self, content: Any, record: RequestRecord, **kwargs: Any) -> None:
+            super().__init__(content, media_type="text/event-stream", **kwargs)
+            self.record = record
+
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                try:
+                    await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                finally:
+                    self.record.finish()
 
     return EventStreamResponse
 

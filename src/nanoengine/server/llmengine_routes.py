@@ -86,7 +86,7 @@ def llmengine_router(settings: ServerSettings, in_flight: InFlight) -> APIRouter
             record.finish()
             return JSONResponse({"detail": message}, status_code=status)
         record.request_id = stream.request_id
-        return event_stream(server_sent_events(stream, record), media_type="text/event-stream")  # it finishes the record
+        return event_stream(server_sent_events(stream, record), record)
 
     return v1
 
@@ -162,7 +162,6 @@ async def server_sent_events(stream: AsyncCompletionStream, record: RequestRecor
         yield f"data: {error_chunk(stream.request_id, status, message).json()}\n\n"
     finally:
         await stream.aclose()
-        record.finish()
 
 
 

@@ -61,7 +61,7 @@ def openai_router(settings: ServerSettings, in_flight: InFlight) -> APIRouter:
             if job.stream:
                 streams = await job.open_streams()
                 streaming = True
-                return event_stream(EventStream(job, streams, record), media_type="text/event-stream")
+                return event_stream(EventStream(job, streams, record), record)
             choices, echoed = await unless_disconnected(request, job.run())
             record.tokens, record.outcome = sum(c.num_completion_tokens for c in choices), "200"
             return JSONResponse(job.response(choices, echoed))
@@ -113,7 +113,7 @@ class EventStream:
     """A streamed answer's events; closing it stops every choice's generation, even before the first event."""
 
     def __init__(self, job: OpenAIJob, streams: list[AsyncCompletionStream], record: RequestRecord) -> None:
-        self.streams, self.record = streams, record
+        self.streams = streams
         self.events = job.events(streams, record)
         self.started = False
 
@@ -128,4 +128,3 @@ class EventStream:
         await self.events.aclose()
         if not self.started:  # the generator's own clean-up never ran
             await asyncio.gather(*(s.aclose() for s in self.streams), return_exceptions=True)
-            self.record.finish()

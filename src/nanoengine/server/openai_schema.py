@@ -208,8 +208,7 @@ class OpenAIJob:
             error = as_openai_error(err)
             yield sse({"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}})
         finally:
-            record.tokens = sum(completion_tokens)
-            record.finish()
+            record.tokens = sum(completion_tokens)  # the response finishes the record (`common.py`)
         yield "data: [DONE]\n\n"
 
     async def first_event(self, index: int) -> tuple[dict[str, Any] | None, int]:
