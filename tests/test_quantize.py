@@ -4,6 +4,8 @@ generating greedily, its tied head sharing the embedding's codes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import save_tiny_llama
@@ -206,6 +208,34 @@ def test_real_model_greedy_output_is_float32s(smollm2, smollm2_quantized, name):
     prompt = smollm2.tokenizer.encode(REAL_PROMPTS[name])
     expected = [t.id for t in generate(smollm2.model, prompt, 16, eos_ids=())]
     assert [t.id for t in generate(smollm2_quantized, prompt, 16, eos_ids=())] == expected
+
+
+def test_real_model_batched_steps_give_float32s_greedy_output(smollm2, smollm2_quantized):
+    """Five prompts prefilled together and decoded as one batch (each step dequantizing every
+    weight once, into the reused buffer): each gets float32's own greedy tokens."""
+    from nanoengine.engine.loop import Engine, EngineSettings
+    from nanoengine.engine.scheduler import Sequence
+
+    prompts = [smollm2.tokenizer.encode(text) for text in REAL_PROMPTS.values()][:5]
+    engine = Engine(smollm2_quantized, smollm2.tokenizer, EngineSettings(max_batch_size=8, background_compile=False))
+    runner, rows = engine.runner, [Sequence(ids, 12, math.inf) for ids in prompts]
+    for seq in rows:
+        engine.scheduler.add(seq)
+    batch = engine.scheduler.next_prefill()
+    assert batch.sequences == rows  # one batched prompt pass
+    logits = runner.prefill(batch)
+    for seq, ids in zip(rows, prompts):
+        seq.pos = len(ids)
+    got = [[] for _ in rows]
+    for _ in range(12):
+        for seq, out, token in zip(rows, got, logits.argmax(-1).tolist()):
+            seq.next_token = token
+            out.append(token)
+        logits = runner.decode(rows)  # (5, V): one multi-row step
+        for seq in rows:
+            seq.pos += 1
+    for ids, out in zip(prompts, got):
+        assert out == [t.id for t in generate(smollm2.model, ids, 12, eos_ids=())]
 
 
 @pytest.mark.parametrize("dtype", ["int4", "int8"])

@@ -7,12 +7,15 @@ of the model: the same parameters and buffers (no copy of any tensor), with each
 the form that suits the step. A one-row, one-token step is a matrix-vector product, which
 inductor emits as one vectorised pass over the weight that upcasts (or decodes quantized codes)
 as it reads, at memory speed (`OneTokenLinear`, and a quantized module's `matvec`); a step of
-several rows keeps the stock matrix products, which already run at the CPU's full speed, and
-gains from compiling what lies between them.
+several rows keeps the stock matrix products (a quantized weight dequantized inside the graph).
 
 Compiled shapes are static and few: a decode step's rows are padded up to a bucket of
 `ROW_BUCKETS` (by the runner) and its cache view is a multiple of 256 positions, so at most a
-handful of (rows, length) pairs occur. `torch.compile` costs 35-40 s per shape on a cold cache
+handful of (rows, length) pairs occur. Which rows are compiled without being asked is
+`auto_rows`: on a GPU every bucket (a step there is launch-bound, and a compiled one can replay
+as a CUDA graph); on CPU only one row, because there a compiled step of several rows measured
+slower than the eager one (16 rows over 512 positions, SmolLM2, 2 threads: 1.9 s against 0.5-1.3
+s; the eager step is already the stock matrix products), so several rows stay eager, unpadded. `torch.compile` costs 35-40 s per shape on a cold cache
 (about 10 s warm, from inductor's disk cache), which a process that serves for minutes should not
 pay up front or in the middle of a stream. So the engine serves eagerly; once it has decoded
 `after_tokens` tokens (it is not a one-shot run), each (rows, length) it meets is compiled by a
@@ -162,6 +165,8 @@ class BackgroundCompile:
         self.max_len = max_len
         self.after_tokens = after_tokens
         self.decoded = 0
+        on_gpu = model.lm_head.weight.device.type == "cuda"
+        self.auto_rows = set(ROW_BUCKETS) if on_gpu else {1}  # rows compiled when met (module docstring)
         self.compiled: dict[Shape, Step] = {}  # (rows, cache length) -> compiled step
         self.seconds: dict[Shape, float] = {}
         self._asked: set[Shape] = set()
@@ -175,12 +180,12 @@ class BackgroundCompile:
         if self.failed:
             return None
         shape = (rows, length)
-        if shape not in self._asked and self.decoded >= self.after_tokens:
+        if rows in self.auto_rows and shape not in self._asked and self.decoded >= self.after_tokens:
             self.ask(shape)
         return self.compiled.get(shape)
 
     def ask(self, shape: Shape) -> None:
-        """Queue `shape` for compiling (once)."""
+        """Queue `shape` (rows, cache length) for compiling (once), whatever `auto_rows` says."""
         if shape not in self._asked:
             self._asked.add(shape)
             self._todo.put(shape)
