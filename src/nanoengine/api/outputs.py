@@ -96,7 +96,7 @@ def top_logprobs_of(token: TokenOutput) -> list[tuple[int, float]] | None:
 
 
 def token_id_of(token: TokenOutput) -> int | None:
-    """The chosen token's id, noted beside its alternatives (its text alone may be part of a character)."""
+    """The chosen token's id, noted whenever its log-prob is (its text alone may be part of a character)."""
     return getattr(token, "token_id", None)
 
 
