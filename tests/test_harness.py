@@ -137,26 +137,36 @@ def test_the_native_model_agrees_with_hf(native_model, task_manager, reference):
     assert_agree(evaluate(native_model, task_manager), reference)
 
 
-def test_local_completions_against_nanoengine_serve_agrees_with_hf(served, smollm2_folder, task_manager, reference):
+@pytest.fixture(scope="module")
+def http_model(served, smollm2_folder):
+    """lm-eval's `local-completions` on the server, sending token ids, 8 prompts per request."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    client = LocalCompletionsAPI(
+    return LocalCompletionsAPI(
         model=DEFAULT_MODEL, base_url=f"{served}/v1/completions", tokenizer_backend="huggingface",
         tokenizer=str(smollm2_folder), tokenized_requests=True, batch_size=8, max_retries=1,
     )  # fmt: skip
-    assert_agree(evaluate(client, task_manager), reference)
+
+
+def test_local_completions_against_nanoengine_serve_agrees_with_hf(http_model, task_manager, reference):
+    assert_agree(evaluate(http_model, task_manager), reference)
+
+
+ROLLING = [Instance("loglikelihood_rolling", {}, ("The quick brown fox jumps over the lazy dog. It was not amused.",), 0)]
+CONTEXTS = ["The capital of France is", "Question: What do bees make?\nAnswer:", "1, 2, 3, 4,"]
+GENERATING = [Instance("generate_until", {}, (c, {"until": ["."], "max_gen_toks": 12, "do_sample": False}), i)
+              for i, c in enumerate(CONTEXTS)]  # fmt: skip
 
 
 def test_rolling_log_likelihood_and_generation_agree_with_hf(native_model, hf_model):
-    text = "The quick brown fox jumps over the lazy dog. It was not amused."
-    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
-    ours, expected = native_model.loglikelihood_rolling(rolling), hf_model.loglikelihood_rolling(rolling)
-    assert ours == pytest.approx(expected, abs=1e-3)
-    kwargs = {"until": ["."], "max_gen_toks": 12, "do_sample": False}
-    contexts = ["The capital of France is", "Question: What do bees make?\nAnswer:", "1, 2, 3, 4,"]
-    generating = [Instance("generate_until", {}, (c, dict(kwargs)), i) for i, c in enumerate(contexts)]
-    ours, expected = native_model.generate_until(generating), hf_model.generate_until(generating)
+    assert native_model.loglikelihood_rolling(ROLLING) == pytest.approx(hf_model.loglikelihood_rolling(ROLLING), abs=1e-3)
+    ours, expected = native_model.generate_until(GENERATING), hf_model.generate_until(GENERATING)
     assert ours == expected and all("." not in text for text in ours)
+
+
+def test_rolling_log_likelihood_and_generation_over_http_are_the_native_ones(native_model, http_model):
+    assert http_model.loglikelihood_rolling(ROLLING) == pytest.approx(native_model.loglikelihood_rolling(ROLLING), abs=1e-3)
+    assert http_model.generate_until(GENERATING) == native_model.generate_until(GENERATING)
 
 
 def test_lm_eval_is_imported_only_by_the_evaluation_harness():

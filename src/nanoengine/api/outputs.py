@@ -11,7 +11,7 @@ engine, which may have run a step or two further meanwhile (as vLLM's engine cor
 Beyond llmengine's fields, the builder notes two things for the OpenAI routes, as plain attributes
 rather than dataclass fields, so that `dict()`/`json()` (which read fields only) still give exactly
 llmengine's JSON: on the last chunk, why the sequence ended (`finish_reason_of`), and on a token,
-when the request asked, its likeliest alternatives (`top_logprobs_of`).
+its id (`token_id_of`) and, when the request asked, its likeliest alternatives (`top_logprobs_of`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class OutputBuilder:
         token = None
         if self.request.return_token_log_probs:
             token = TokenOutput(token=self.tokenizer.decode([token_id], skip_special_tokens=False), log_prob=logprob)
+            token.token_id = token_id
             if alternatives is not None:
                 token.top_logprobs = alternatives
         chunk = CompletionStreamOutput(
@@ -109,6 +110,11 @@ def top_logprobs_of(token: TokenOutput) -> list[tuple[int, float]] | None:
     """The likeliest (token id, log-prob) pairs where `token` was chosen, likeliest first; None
     unless the request asked (`submit(..., top_logprobs=N)`)."""
     return getattr(token, "top_logprobs", None)
+
+
+def token_id_of(token: TokenOutput) -> int | None:
+    """The chosen token's id, noted whenever its log-prob is (its text alone may be part of a character)."""
+    return getattr(token, "token_id", None)
 
 
 Item = Tokens | BaseException

@@ -27,7 +27,7 @@ from ..params import CompletionParams
 from ..research.prompt_logprobs import TokenListScores, score_token_lists
 from .common import RequestRecord
 from .openai_errors import OpenAIError, as_openai_error
-from .openai_logprobs import chat_logprobs, completion_logprobs, echoed_tokens, generated_tokens
+from .openai_logprobs import chat_logprobs, completion_logprobs, echoed_tokens, generated_tokens, token_bytes
 from .openai_prompts import Prompt, chat_prompt_and_room, completion_prompts
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the sequence's end
@@ -82,7 +82,7 @@ class OpenAIJob:
         self.top_n = options["top_logprobs"] if self.logprobs else 0
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self._texts: dict[int, str] = {}  # token id -> its text, decoded once per request
+        self._described: dict[int, tuple[str, bytes]] = {}
         self._echoed: list[TokenListScores] | None = None  # a stream's echo scores
 
     @classmethod
@@ -155,10 +155,13 @@ class OpenAIJob:
         model, ids = self.loaded.model, [p.ids for p in self.prompts]
         return await asyncio.to_thread(score_token_lists, model, ids, self.top_n)
 
-    def decode(self, token_id: int) -> str:
-        if token_id not in self._texts:
-            self._texts[token_id] = self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
-        return self._texts[token_id]
+    def describe(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and bytes (worked out once per request)."""
+        if token_id not in self._described:
+            tokenizer = self.loaded.tokenizer
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
+            self._described[token_id] = text, token_bytes(tokenizer, token_id)
+        return self._described[token_id]
 
     def response(self, choices: list[Choice], echoed: list[TokenListScores] | None) -> dict[str, Any]:
         return {
@@ -171,7 +174,7 @@ class OpenAIJob:
         }
 
     def choice(self, index: int, choice: Choice, echoed: list[TokenListScores] | None) -> dict[str, Any]:
-        tokens = generated_tokens(choice.tokens, self.decode)
+        tokens = generated_tokens(choice.tokens, self.describe)
         if self.kind == "chat":
             message = {"role": "assistant", "content": choice.text, "refusal": None}
             logprobs = chat_logprobs(tokens) if self.logprobs else None
@@ -180,7 +183,7 @@ class OpenAIJob:
         if echoed is not None:
             prompt = self.prompts[index // self.n]
             text = prompt.text + text
-            tokens = echoed_tokens(echoed[index // self.n], self.decode) + tokens
+            tokens = echoed_tokens(echoed[index // self.n], self.describe) + tokens
         logprobs = completion_logprobs(tokens) if self.logprobs else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
@@ -220,13 +223,13 @@ class OpenAIJob:
         if index == 0:
             self._echoed = await self.echo_scores()
         prompt = self.prompts[index // self.n]
-        tokens = echoed_tokens(self._echoed[index // self.n], self.decode)
+        tokens = echoed_tokens(self._echoed[index // self.n], self.describe)
         logprobs = completion_logprobs(tokens) if self.logprobs else None
         return self.chunk(index, {"text": prompt.text, "logprobs": logprobs}), len(prompt.text)
 
     def stream_events(self, index: int, output: CompletionStreamOutput, offset: int) -> tuple[list[dict[str, Any]], int]:
         """The events for one chunk of choice `index`, and the text offset after them."""
-        tokens = generated_tokens([output.token] if output.token is not None else [], self.decode)
+        tokens = generated_tokens([output.token] if output.token is not None else [], self.describe)
         events = []
         if output.text or tokens:
             if self.kind == "chat":
