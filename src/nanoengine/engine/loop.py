@@ -38,7 +38,6 @@ from ..params import CompletionParams
 logger = logging.getLogger(__name__)
 
 EXIT_JOIN_SECONDS = 10.0  # at interpreter exit, how long to wait for a loop to leave torch
-OFFLINE_ROWS = 32  # rows of the KV pool offline work may fill (`scheduler.py`), beyond max_batch_size
 OFFLINE_CHUNK = 2048  # prompt tokens prefilled per step while no live sequence waits on the engine
 
 
@@ -48,7 +47,7 @@ class EngineSettings:
     (prompt plus new tokens) a row holds, and the prompt tokens prefilled per step; and whether
     it compiles its decode step in the background once it has served a while (`compiling.py`)."""
 
-    max_batch_size: int = 16
+    max_batch_size: int = 32
     max_seq_len: int = 4096
     prefill_chunk: int = 256
     background_compile: bool = True
@@ -113,7 +112,7 @@ class Engine:
         self.compiler = None
         if settings.background_compile or compile_now:
             self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
-        pool_rows = max(settings.max_batch_size, OFFLINE_ROWS)  # lazily zeroed: rows cost memory once used
+        pool_rows = settings.max_batch_size  # the memory bound the user set; rows are zeroed once used
         self.runner = ModelRunner(model, pool_rows, self.max_seq_len, self.compiler)
         chunk = min(settings.prefill_chunk, self.max_seq_len)
         offline_chunk = min(max(chunk, OFFLINE_CHUNK), self.max_seq_len)
