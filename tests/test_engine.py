@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
-from nanoengine.engine.loop import OFFLINE_ROWS, Engine, EngineSettings
+from nanoengine.engine.loop import Engine, EngineSettings
 from nanoengine.api.models import get_model
 from nanoengine.api.outputs import Mailbox, OutputBuilder
 from nanoengine.params import CompletionParams
@@ -361,15 +361,14 @@ def resident_bytes() -> int:
 
 
 def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
-    """32 requests for 1,000 new tokens each: 4 run, 28 wait, and memory grows by their 4 rows at
-    most (the pool's other rows, for offline work, are zeroed only once used).
+    """32 requests for 1,000 new tokens each: 4 run, 28 wait, and memory grows by the pool at most.
 
     (Before the engine each request reserved its own cache up front: 32 x 1,020 positions x 46 kB
     = 1.5 GB for SmolLM2.)"""
     engine = engine_for(smollm2.model, smollm2.tokenizer, max_batch_size=4, max_seq_len=1024)
     config = smollm2.model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
-    assert engine.kv_cache_bytes == OFFLINE_ROWS * 1024 * per_token  # reserved once, zeroed as rows are used
+    assert engine.kv_cache_bytes == 4 * 1024 * per_token  # 188 MB, allocated once
     prompts = [smollm2.tokenizer.encode(f"Write a very long essay about topic number {i}.") for i in range(32)]
     before = resident_bytes()
     deadline = time.monotonic() + 600
