@@ -133,6 +133,16 @@ class LLM:
 
         return score(self, texts)
 
+    def run_batch(
+        self, input_path: str | os.PathLike, output_path: str | os.PathLike, *, score: bool = False, **options: Any
+    ):
+        """Answer a JSONL file of requests (OpenAI's batch format, or `{"prompt": ...}` lines) into
+        `output_path`, one line each as it finishes; a rerun resumes where a crash left off.
+        `score` scores each line's text instead. See `batch.run_batch` for the options."""
+        from .batch import run_batch
+
+        return run_batch(self, input_path, output_path, score=score, **options)
+
     def __repr__(self) -> str:
         return f"LLM({str(self.folder)!r})"
 

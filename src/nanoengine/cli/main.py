@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import options as check
+from .batch import add_batch_command, run_batch_command
 from .chat import add_chat_command, run_chat
 from .inspect import add_inspect, run_inspect
+from .serve_ray import add_serve_on_ray, run_serve_on_ray
 from ..errors import InvalidParameterError, NanoEngineError
 from ..weights.fetch import is_checkpoint
 from ..weights.registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, weights_root
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect(commands)
     add_chat_command(commands)
     add_serve(commands)
+    add_batch_command(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
     )
@@ -149,6 +152,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     add_model_options(serve)
     add_engine_options(serve)
+    add_serve_on_ray(serve)
 
 
 def add_engine_options(command: argparse.ArgumentParser) -> None:
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=log_format, stream=sys.stderr)
     run = {
         "complete": run_complete, "chat": run_chat, "serve": run_serve, "inspect": run_inspect,
-        "fetch": run_fetch, "models": run_models, "bench": run_bench,
+        "fetch": run_fetch, "models": run_models, "bench": run_bench, "batch": run_batch_command,
     }  # fmt: skip
     try:
         return run[args.command](args)
@@ -280,6 +284,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         allowed_hosts=tuple(args.allow_host or ()),
     )
+    if args.ray is not None:
+        return run_serve_on_ray(args, settings)
     preload(settings)
     serve(settings, host=args.host, port=args.port)
     return 0
