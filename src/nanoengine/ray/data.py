@@ -162,7 +162,7 @@ def answered_on_ray(
     rows = [{"number": x.number, "custom_id": x.custom_id, "kind": x.kind, "fields": json.dumps(x.fields)} for x in lines]
     answered = ray.data.from_items(rows).map_batches(
         BatchLines, fn_constructor_args=args, fn_constructor_kwargs=options, batch_size=lines_per_batch,
-        concurrency=actors, num_cpus=options["threads"],
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options["threads"],
     )  # fmt: skip
     for batch in answered.iter_batches(batch_size=None, batch_format="default"):
         for record, count in zip(batch["record"], batch["tokens"]):
@@ -174,7 +174,7 @@ def connect(address: str, cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     else:
         ray.init(address=address, log_to_driver=False)
     return True

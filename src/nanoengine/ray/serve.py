@@ -51,17 +51,18 @@ def server_app(
     settings: ServerSettings | None = None,
     *,
     num_replicas: int = 2,
-    threads: int = 1,
+    num_cpus: float = 1,
     options: dict[str, Any] | None = None,
     name: str = "nanoengine",
 ) -> Any:
-    """The Serve application (`Deployment.bind()`) of `num_replicas` replicas of `threads` CPUs each."""
+    """The Serve application (`Deployment.bind()`) of `num_replicas` replicas, each reserving
+    `num_cpus` of Ray's CPUs (and using as many torch threads, at least one)."""
     from ray import serve
 
     deployment = serve.deployment(
-        serve.ingress()(NanoEngineServer), name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": threads}
+        serve.ingress()(NanoEngineServer), name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
     )
-    return deployment.bind(settings or ServerSettings(), options or {}, threads)
+    return deployment.bind(settings or ServerSettings(), options or {}, max(1, int(num_cpus)))
 
 
 def serve_on_ray(
@@ -86,7 +87,7 @@ def serve_on_ray(
     started = connect(address, num_replicas * threads)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(server_app(settings, num_replicas=num_replicas, threads=threads, options=options), name="nanoengine")
+        serve.run(server_app(settings, num_replicas=num_replicas, num_cpus=threads, options=options), name="nanoengine")
         logger.info("serving on http://%s:%d/ with %d replicas (Ctrl-C to stop)", host, port, num_replicas)
         threading.Event().wait()  # until Ctrl-C
     finally:
