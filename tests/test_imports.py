@@ -7,7 +7,7 @@ import sys
 
 LOADED_ONLY_WHEN_USED = ("gguf", "nanoengine.weights.convert", "nanoengine.weights.convert_gemma", "nanoengine.weights.convert_common",
                          "nanoengine.server.app", "nanoengine.server.common", "nanoengine.research.plots",
-                         "fastapi", "uvicorn", "jinja2", "transformers", "matplotlib")  # fmt: skip
+                         "fastapi", "uvicorn", "jinja2", "transformers", "matplotlib", "ray", "lm_eval")  # fmt: skip
 
 
 def test_import_nanoengine_loads_no_converter_no_server_no_template_engine():

@@ -111,7 +111,7 @@ def test_closing_the_as_completed_iterator_stops_the_rest(tiny):
 
 def test_the_progress_bar_shows_prompts_and_tokens_per_second(tiny, capsys, caplog):
     llm = nanoengine.load(tiny)
-    with caplog.at_level("INFO", logger="nanoengine.api.batch"):
+    with caplog.at_level("INFO", logger="nanoengine.api.offline"):
         llm.generate([f"Bar {i}" for i in range(4)], max_new_tokens=3, temperature=0, progress=True)
     shown = capsys.readouterr().err + caplog.text
     assert "4/4" in shown or "4 of 4 prompts done" in shown

@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 from .errors import InvalidParameterError
 
 MAX_SEED = 2**64 - 1  # torch generators take seeds up to this
+NO_TIMEOUT = 10**9  # seconds: a loaded model's calls (`llm.generate`, batch jobs) run until done unless given one
 MAX_TEMPERATURE = 2.0
 
 P = ParamSpec("P")
@@ -198,6 +199,14 @@ SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(CompletionP
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(CompletionParams)}
 # What a loaded model's calls (`llm.generate`, `llm.complete`) take as keywords: all but the model and prompt.
 SAMPLING_NAMES = tuple(name for name in SPECS if name not in ("model_name", "model", "prompt", "stream"))
+
+
+def seed_for(seed: Any, index: int) -> Any:
+    """The seed of the `index`-th prompt of a call given one `seed`: `seed + index`, wrapping
+    within the seeds torch takes; a bad seed is left as it is for the check to name."""
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
+        return (seed + index) % (MAX_SEED + 1)
+    return seed
 
 
 def check(name: str, value: Any) -> Any:

@@ -19,12 +19,11 @@ from .outputs import CompletionStream, collect
 from ..engine.loop import Engine
 from ..errors import InvalidParameterError
 from .models import LoadedModel, get_model
-from ..params import MAX_SEED, SAMPLING_NAMES, CompletionParams
+from ..params import NO_TIMEOUT, SAMPLING_NAMES, CompletionParams, seed_for
 from .types import CompletionOutput, CompletionStreamOutput
 
 logger = logging.getLogger(__name__)
 
-NO_TIMEOUT = 10**9  # seconds: the handle's calls run until done unless given a timeout
 
 
 class LLM:
@@ -86,7 +85,7 @@ class LLM:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seed = sampling.pop("seed", None)
         requests = [
-            self._request(prompt, {**sampling, "seed": None if seed is None else _seed_for(seed, i)})
+            self._request(prompt, {**sampling, "seed": None if seed is None else seed_for(seed, i)})
             for i, prompt in enumerate(prompts)
         ]
         prompt_ids = [self.tokenizer.encode(request.prompt) for request in requests]
@@ -128,6 +127,16 @@ class LLM:
 
         return score(self, texts)
 
+    def run_batch(
+        self, input_path: str | os.PathLike, output_path: str | os.PathLike, *, score: bool = False, **options: Any
+    ):
+        """Answer a JSONL file of requests (OpenAI's batch format, or `{"prompt": ...}` lines) into
+        `output_path`, one line each as it finishes; a rerun resumes where a crash left off.
+        `score` scores each line's text instead. See `batch/job.py`'s `run_batch` for the options."""
+        from ..batch.job import run_batch  # the job (and its OpenAI lines) lives above the request side
+
+        return run_batch(self, input_path, output_path, score=score, **options)
+
     def __repr__(self) -> str:
         return f"LLM({str(self.folder)!r})"
 
@@ -135,14 +144,6 @@ class LLM:
 def load(name_or_path: str | os.PathLike) -> LLM:
     """The handle on a registered model or checkpoint folder, loading (and fetching) it on first use."""
     return LLM(get_model(name_or_path))
-
-
-def _seed_for(seed: Any, index: int) -> Any:
-    """Prompt `index`'s seed: `seed + index`, wrapping within the seeds torch takes; a bad seed is
-    left as it is for the validation to name."""
-    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED:
-        return (seed + index) % (MAX_SEED + 1)
-    return seed
 
 
 @contextmanager

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import options as check
+from .batch import add_batch_command, run_batch_command
 from .chat import add_chat_command, run_chat
 from .inspect import add_inspect, run_inspect
+from .serve_ray import add_serve_on_ray, run_serve_on_ray
 from ..errors import InvalidParameterError, NanoEngineError
 from ..weights.fetch import is_checkpoint
 from ..weights.registry import DEFAULT_MODEL, REGISTRY, fetch_model, registered_folder, weights_root
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect(commands)
     add_chat_command(commands)
     add_serve(commands)
+    add_batch_command(commands)
     fetch_cmd = commands.add_parser(
         "fetch", help="download and convert a registered model's weights", description=fetch_description()
     )
@@ -140,35 +143,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "the server answers loopback names only, against DNS rebinding; bound elsewhere, any name",
     )  # fmt: skip
     check.add_model_options(serve)
-    add_engine_options(serve)
-
-
-def add_engine_options(command: argparse.ArgumentParser) -> None:
-    """How each model's engine is sized (see `nanoengine.configure`); defaults from $NANOENGINE_*."""
-    from ..engine.loop import EngineSettings
-
-    defaults = EngineSettings()
-    option = command.add_argument
-    option(
-        "--max-batch-size", type=check.positive_int, metavar="N",
-        help=f"most sequences decoding together: rows of the KV cache pool, allocated once; more requests "
-        f"wait in line (default: $NANOENGINE_MAX_BATCH_SIZE, else {defaults.max_batch_size})",
-    )  # fmt: skip
-    option(
-        "--max-seq-len", type=check.positive_int, metavar="TOKENS",
-        help=f"longest prompt plus new tokens one row holds, at most the model's context "
-        f"(default: $NANOENGINE_MAX_SEQ_LEN, else {defaults.max_seq_len})",
-    )  # fmt: skip
-    option(
-        "--prefill-chunk", type=check.positive_int, metavar="TOKENS",
-        help=f"prompt tokens prefilled per step: bounds how long a new prompt delays the running streams "
-        f"(default: $NANOENGINE_PREFILL_CHUNK, else {defaults.prefill_chunk})",
-    )  # fmt: skip
-    option(
-        "--no-background-compile", dest="background_compile", action="store_false", default=None,
-        help="stay eager: do not compile the one-sequence decode step in the background once the server "
-        "has decoded a few hundred tokens (default: $NANOENGINE_BACKGROUND_COMPILE, else on)",
-    )  # fmt: skip
+    check.add_engine_options(serve)
+    add_serve_on_ray(serve)
 
 
 def fetch_description() -> str:
@@ -185,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "complete": run_complete, "chat": run_chat, "serve": run_serve, "inspect": run_inspect,
         "fetch": run_fetch, "models": run_models, "bench": run_bench, "eval": run_eval,
+        "batch": run_batch_command,
     }  # fmt: skip
     try:
         return run[args.command](args)
@@ -241,21 +218,12 @@ def report_speed(prompt_tokens: int | None, new_tokens: int | None, start: float
     logger.info("%s]", line)
 
 
-def configure_engine(args: argparse.Namespace) -> None:
-    from ..api.models import configure
-
-    configure(
-        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
-        background_compile=args.background_compile,
-    )  # fmt: skip
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from ..server.app import preload, serve
     from ..server.common import ServerSettings, served_models
 
     check.configure_model_options(args)
-    configure_engine(args)
+    check.configure_engine(args)
     settings = ServerSettings(
         models=served_models(args.models),
         api_key=args.api_key if args.api_key is not None else check.api_key_from_environment(),
@@ -264,6 +232,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         allowed_hosts=tuple(args.allow_host or ()),
     )
+    if args.ray is not None:
+        return run_serve_on_ray(args, settings)
     preload(settings)
     serve(settings, host=args.host, port=args.port)
     return 0

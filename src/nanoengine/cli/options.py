@@ -148,3 +148,40 @@ def configure_model_options(args: argparse.Namespace) -> None:
     from ..api.models import configure
 
     configure(dtype=args.dtype, device=args.device, compile=args.compile or None)
+
+
+def add_engine_options(command: argparse.ArgumentParser) -> None:
+    """How each model's engine is sized (see `nanoengine.configure`); defaults from $NANOENGINE_*."""
+    from ..engine.loop import EngineSettings
+
+    defaults = EngineSettings()
+    option = command.add_argument
+    option(
+        "--max-batch-size", type=positive_int, metavar="N",
+        help=f"most sequences decoding together: rows of the KV cache pool, allocated once; more requests "
+        f"wait in line (default: $NANOENGINE_MAX_BATCH_SIZE, else {defaults.max_batch_size})",
+    )  # fmt: skip
+    option(
+        "--max-seq-len", type=positive_int, metavar="TOKENS",
+        help=f"longest prompt plus new tokens one row holds, at most the model's context "
+        f"(default: $NANOENGINE_MAX_SEQ_LEN, else {defaults.max_seq_len})",
+    )  # fmt: skip
+    option(
+        "--prefill-chunk", type=positive_int, metavar="TOKENS",
+        help=f"prompt tokens prefilled per step: bounds how long a new prompt delays the running streams "
+        f"(default: $NANOENGINE_PREFILL_CHUNK, else {defaults.prefill_chunk})",
+    )  # fmt: skip
+    option(
+        "--no-background-compile", dest="background_compile", action="store_false", default=None,
+        help="stay eager: do not compile the one-sequence decode step in the background once the server "
+        "has decoded a few hundred tokens (default: $NANOENGINE_BACKGROUND_COMPILE, else on)",
+    )  # fmt: skip
+
+
+def configure_engine(args: argparse.Namespace) -> None:
+    from ..api.models import configure
+
+    configure(
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
+        background_compile=args.background_compile,
+    )  # fmt: skip

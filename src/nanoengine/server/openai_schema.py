@@ -133,7 +133,7 @@ class OpenAIJob:
         streams: list[AsyncCompletionStream] = []
         try:
             for request, prompt in self.requests():
-                streams.append(AsyncCompletionStream(str(uuid.uuid4()), *submit(request, self.loaded, prompt.ids, top_logprobs=self.top_n)))
+                streams.append(AsyncCompletionStream(str(uuid.uuid4()), *submit(request, self.loaded, prompt.ids, self.live, self.top_n)))
         except BaseException:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
             raise
