@@ -82,6 +82,7 @@ class OpenAIJob:
         self.top_n = options["top_logprobs"] if self.logprobs else 0
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.live = True  # a person waits on it (a batch job's are offline work, run at full width)
         self._described: dict[int, tuple[str, bytes]] = {}
         self._echoed: list[TokenListScores] | None = None  # a stream's echo scores
 
@@ -133,7 +134,8 @@ class OpenAIJob:
         streams: list[AsyncCompletionStream] = []
         try:
             for request, prompt in self.requests():
-                streams.append(AsyncCompletionStream(str(uuid.uuid4()), *submit(request, self.loaded, prompt.ids, self.live, self.top_n)))
+                submitted = submit(request, self.loaded, prompt.ids, self.live, self.top_n)
+                streams.append(AsyncCompletionStream(str(uuid.uuid4()), *submitted))
         except BaseException:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
             raise
