@@ -93,16 +93,24 @@ class ModelRunner:
         return min(-(-needed // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
 
 
-def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
-    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one right-padded
-    pass without a KV cache (what `llm.score` runs, batch by batch)."""
+def next_token_logits(model: torch.nn.Module, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences right-padded into one batch (B, T) with token 0, and the float32 logits
+    (B, T-1, V) with which position t predicts token t+1, from one pass without a KV cache
+    (causal attention: the padding after a sequence changes nothing before it)."""
     device = model.lm_head.weight.device
     longest = max(len(ids) for ids in sequences)
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # (B, T)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = torch.tensor(seq, device=device)
     with torch.inference_mode():
-        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        return ids, model(ids)[:, :-1].float()  # (B, T), (B, T-1, V)
+
+
+def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one right-padded
+    pass without a KV cache (what `llm.score` runs, batch by batch)."""
+    ids, logits = next_token_logits(model, sequences)  # (B, T), (B, T-1, V)
+    with torch.inference_mode():
         targets = ids[:, 1:, None]  # (B, T-1, 1)
         values = (logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)).cpu()  # (B, T-1)
     return [values[row, : len(seq) - 1].tolist() for row, seq in enumerate(sequences)]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine.runner import sequence_logprobs
+from ..engine.runner import next_token_logits, sequence_logprobs
 from .scoring import DEFAULT_BATCH_TOKENS, length_batches
 
 
@@ -54,13 +54,8 @@ def _logprobs_and_top(
 ) -> list[tuple[list[float], list[list[tuple[int, float]]]]]:
     """`runner.sequence_logprobs`'s values, and from the same logits each position's `top_n` likeliest
     tokens (their log-probs computed the same way, so a greedy token's two values are equal)."""
-    device = model.lm_head.weight.device
-    longest = max(len(ids) for ids in sequences)
-    ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)  # right-padded with token 0
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, device=device)
+    ids, logits = next_token_logits(model, sequences)  # (B, T), (B, T-1, V)
     with torch.inference_mode():
-        logits = model(ids)[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         norm = logits.logsumexp(-1)  # (B, T-1)
         values = (logits.gather(-1, ids[:, 1:, None])[..., 0] - norm).cpu()  # (B, T-1)
         best, best_ids = logits.topk(min(top_n, logits.shape[-1]), dim=-1)  # (B, T-1, N)
