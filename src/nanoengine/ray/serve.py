@@ -32,7 +32,9 @@ class NanoEngineServer:
     parameters; a replica is a process of its own, so they are passed, not inherited), then serves
     `create_app(settings)`."""
 
-    def __init__(self, settings: ServerSettings, options: dict[str, Any] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, options: dict[str, Any] | None = None, threads: int | None = None
+    ) -> None:
         from ..api.models import configure
         from ..server.app import preload
 
@@ -59,9 +61,8 @@ def server_app(
     `num_cpus` of Ray's CPUs (and using as many torch threads, at least one)."""
     from ray import serve
 
-    deployment = serve.deployment(
-        serve.ingress()(NanoEngineServer), name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
-    )
+    replica = serve.ingress()(NanoEngineServer)  # the app is built in each replica, not pickled
+    deployment = serve.deployment(replica, name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus})
     return deployment.bind(settings or ServerSettings(), options or {}, max(1, int(num_cpus)))
 
 
