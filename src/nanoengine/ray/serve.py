@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import replace
 from typing import Any
@@ -90,8 +91,13 @@ def serve_on_ray(
         serve.start(http_options={"host": host, "port": port})
         serve.run(server_app(settings, num_replicas=num_replicas, num_cpus=threads, options=options), name="nanoengine")
         logger.info("serving on http://%s:%d/ with %d replicas (Ctrl-C to stop)", host, port, num_replicas)
+        signal.signal(signal.SIGTERM, interrupt)  # a SIGTERM stops it as Ctrl-C does, shutting Serve down
         threading.Event().wait()  # until Ctrl-C
     finally:
         serve.shutdown()
         if started:
             ray.shutdown()
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
