@@ -84,7 +84,8 @@ def read_input(path: str | os.PathLike) -> list[InputLine | BadLine]:
         line = parse_line(number, raw)
         if isinstance(line, InputLine):
             if line.custom_id in first_seen:
-                message = f"custom_id {line.custom_id!r} is also on line {first_seen[line.custom_id]}: each must be unique"
+                first = first_seen[line.custom_id]
+                message = f"custom_id {line.custom_id!r} is also on line {first}: each must be unique"
                 line = BadLine(number, line.custom_id, "duplicate_custom_id", message)
             else:
                 first_seen[line.custom_id] = number
@@ -132,7 +133,8 @@ def result_record(custom_id: str, status: int, body: dict[str, Any], request_id:
 def error_record(bad: BadLine) -> dict[str, Any]:
     """The output line of an input line that is not a request."""
     error = {"code": bad.code, "message": bad.message}
-    return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": bad.custom_id, "line": bad.number, "response": None, "error": error}
+    record_id = f"batch_req_{uuid.uuid4().hex}"
+    return {"id": record_id, "custom_id": bad.custom_id, "line": bad.number, "response": None, "error": error}
 
 
 def record_key(record: dict[str, Any]) -> Key:
@@ -167,7 +169,8 @@ class ResultsFile:
             data = f.read()
         end = data.rfind(b"\n") + 1
         if end < len(data):
-            logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path, len(data) - end)
+            torn = len(data) - end
+            logger.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", self.path, torn)
             os.ftruncate(self._fd, end)
         done = set()
         for number, raw in enumerate(data[:end].splitlines(), 1):

@@ -84,12 +84,16 @@ def run_batch(
 
 def check_defaults(model_name: str | os.PathLike, sampling: dict[str, Any]) -> dict[str, Any]:
     """The batch's default parameters, all checked before any work."""
-    unknown = set(sampling) - set(SAMPLING_NAMES)
-    if unknown:
-        raise InvalidParameterError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(SAMPLING_NAMES)}")
+    check_known(sampling, SAMPLING_NAMES)
     defaults = {**{name: DEFAULTS[name] for name in SAMPLING_NAMES}, "timeout": NO_TIMEOUT, **sampling}
     CompletionParams(model_name=model_name, prompt="x", **defaults)
     return defaults
+
+
+def check_known(params: dict[str, Any], known: Iterable[str]) -> None:
+    unknown = set(params) - set(known)
+    if unknown:
+        raise InvalidParameterError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(known)}")
 
 
 def check_same_job(lines: list[InputLine | BadLine], done: set, output_path: str | os.PathLike) -> None:
@@ -148,8 +152,11 @@ async def prepare(llm: LLM, line: InputLine | BadLine, defaults: dict[str, Any])
             return plain_job(llm, line, defaults)
         except Exception as err:
             return result_record(line.custom_id, *plain_failure(err))
-    from ..server.openai_schema import as_openai_error
-
+    try:
+        from ..server.openai_errors import as_openai_error
+    except ImportError:
+        message = "OpenAI-format batch lines need the server extra: pip install 'nanoengine[server]'"
+        raise NanoEngineError(message) from None
     try:
         return await openai_job(llm, line, defaults["timeout"])
     except Exception as err:
@@ -163,9 +170,7 @@ def plain_job(llm: LLM, line: InputLine, defaults: dict[str, Any]) -> Job:
     prompt, messages = fields.pop("prompt", None), fields.pop("messages", None)
     if (prompt is None) == (messages is None):
         raise InvalidParameterError("a plain line has either a prompt or messages (and optional parameters)")
-    unknown = set(fields) - set(defaults)
-    if unknown:
-        raise InvalidParameterError(f"unknown parameter(s) {', '.join(sorted(unknown))}; known: {', '.join(defaults)}")
+    check_known(fields, defaults)
     if messages is not None:
         prompt = chat_prompt(llm.tokenizer, messages)
     params = {**defaults, **fields}
@@ -245,7 +250,8 @@ def score_lines(llm: LLM, lines: list[InputLine | BadLine], write: Write) -> Non
                 raise InvalidParameterError("a line to score has a text (or a prompt): a string")
             encode_texts(llm.tokenizer, [text], llm.model.config.max_position_embeddings)
         except InvalidParameterError as err:
-            write(result_record(line.custom_id, *plain_failure(InvalidParameterError(str(err).replace("texts[0]", "text")))))
+            named = InvalidParameterError(str(err).replace("texts[0]", "text"))
+            write(result_record(line.custom_id, *plain_failure(named)))
             continue
         texts.append((line, text))
     for start in range(0, len(texts), SCORE_CHUNK):

@@ -41,7 +41,8 @@ def add_batch_command(commands: argparse._SubParsersAction) -> None:
     option(
         "--ray", nargs="?", const=LOCAL, metavar="ADDRESS",
         help="run on Ray actors (needs the ray extra): on a cluster's ADDRESS (auto: the one `ray start` "
-        "made here), or without one on a Ray instance started on this machine for the command",
+        "made here), or without one on a Ray instance started on this machine for the command "
+        "(give it after INPUT and OUTPUT, or as --ray=ADDRESS)",
     )  # fmt: skip
     option("--ray-actors", type=check.positive_int, default=2, metavar="N", help="model actors with --ray (default: 2)")
     option("--ray-threads", type=check.positive_int, default=1, metavar="N",
@@ -71,7 +72,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
         from ..api.llm import load
 
         llm = load(args.model)
-        summary = llm.run_batch(args.input, args.output, score=args.score, window=args.window, progress=args.progress, **sampling)
+        summary = llm.run_batch(
+            args.input, args.output, score=args.score, window=args.window, progress=args.progress, **sampling
+        )
     logger.info(
         "%s: %d lines answered (%d failed) in %.1f s, %.0f tokens/s; %d were answered before",
         args.output, summary.succeeded + summary.failed, summary.failed, summary.seconds,

@@ -41,7 +41,9 @@ class NanoEngineGenerate:
     to each row, from its `prompt_column`. `sampling`: `Completion.create`'s parameters (with a
     `seed`, row i of each batch is sampled with seed + i)."""
 
-    def __init__(self, model: str, *, prompt_column: str = "prompt", threads: int | None = None, **sampling: Any) -> None:
+    def __init__(
+        self, model: str, *, prompt_column: str = "prompt", threads: int | None = None, **sampling: Any
+    ) -> None:
         self.llm = load_in_actor(model, threads)
         self.column, self.sampling = prompt_column, sampling
         check_defaults(self.llm.folder, sampling)
@@ -80,17 +82,21 @@ class BatchLines:
     lines out (as JSON text, with the tokens each took), answered as `llm.run_batch` answers them."""
 
     def __init__(
-        self, model: str, defaults: dict[str, Any], *, score: bool = False, window: int | None = None, threads: int | None = None
+        self,
+        model: str,
+        defaults: dict[str, Any],
+        *,
+        score: bool = False,
+        window: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.llm = load_in_actor(model, threads)
         self.defaults, self.score = defaults, score
         self.window = window or 4 * self.llm.engine.settings.max_batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        lines = [
-            InputLine(int(number), str(custom_id), str(kind), json.loads(fields))
-            for number, custom_id, kind, fields in zip(batch["number"], batch["custom_id"], batch["kind"], batch["fields"])
-        ]
+        columns = zip(batch["number"], batch["custom_id"], batch["kind"], batch["fields"])
+        lines = [InputLine(int(n), str(custom_id), str(kind), json.loads(fields)) for n, custom_id, kind, fields in columns]
         records: list[str] = []
         tokens: list[int] = []
 
@@ -159,7 +165,10 @@ def answered_on_ray(
     """Each line's output line and tokens, from `BatchLines` actors, a batch at a time as they come."""
     if not lines:
         return
-    rows = [{"number": x.number, "custom_id": x.custom_id, "kind": x.kind, "fields": json.dumps(x.fields)} for x in lines]
+    rows = [
+        {"number": line.number, "custom_id": line.custom_id, "kind": line.kind, "fields": json.dumps(line.fields)}
+        for line in lines
+    ]
     answered = ray.data.from_items(rows).map_batches(
         BatchLines, fn_constructor_args=args, fn_constructor_kwargs=options, batch_size=lines_per_batch,
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options["threads"],
@@ -174,7 +183,9 @@ def connect(address: str, cpus: int) -> bool:
     if ray.is_initialized():
         return False
     if address == "local":
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        ray.init(  # on loopback: this machine's instance, reachable from nowhere else
+            address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1"
+        )
     else:
         ray.init(address=address, log_to_driver=False)
     return True

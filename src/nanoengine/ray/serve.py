@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from dataclasses import replace
 from typing import Any
@@ -33,7 +34,9 @@ class NanoEngineServer:
     parameters; a replica is a process of its own, so they are passed, not inherited), then serves
     `create_app(settings)`."""
 
-    def __init__(self, settings: ServerSettings, options: dict[str, Any] | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self, settings: ServerSettings, options: dict[str, Any] | None = None, threads: int | None = None
+    ) -> None:
         from ..api.models import configure
         from ..server.app import preload
 
@@ -60,9 +63,8 @@ def server_app(
     `num_cpus` of Ray's CPUs (and using as many torch threads, at least one)."""
     from ray import serve
 
-    deployment = serve.deployment(
-        serve.ingress()(NanoEngineServer), name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus}
-    )
+    replica = serve.ingress()(NanoEngineServer)  # the app is built in each replica, not pickled
+    deployment = serve.deployment(replica, name=name, num_replicas=num_replicas, ray_actor_options={"num_cpus": num_cpus})
     return deployment.bind(settings or ServerSettings(), options or {}, max(1, int(num_cpus)))
 
 
@@ -90,8 +92,13 @@ def serve_on_ray(
         serve.start(http_options={"host": host, "port": port})
         serve.run(server_app(settings, num_replicas=num_replicas, num_cpus=threads, options=options), name="nanoengine")
         logger.info("serving on http://%s:%d/ with %d replicas (Ctrl-C to stop)", host, port, num_replicas)
+        signal.signal(signal.SIGTERM, interrupt)  # a SIGTERM stops it as Ctrl-C does, shutting Serve down
         threading.Event().wait()  # until Ctrl-C
     finally:
         serve.shutdown()
         if started:
             ray.shutdown()
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -101,5 +101,6 @@ def uvicorn_server(settings: ServerSettings, host: str = DEFAULT_HOST, port: int
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
         http=guarded_protocol(limits), h11_max_incomplete_event_size=MAX_HEADER_BYTES, backlog=limits.backlog,
+        loop="asyncio",  # the loop the guard's limits were measured on, whether or not uvloop is installed
     )  # fmt: skip
     return uvicorn.Server(config)
