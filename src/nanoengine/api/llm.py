@@ -164,7 +164,11 @@ def _interventions(engine: Engine, interventions: dict[str, Callable] | None) ->
 
 
 def _batch_results(
-    loaded: LoadedModel, requests: list[CompletionParams], prompt_ids: list[list[int]], interventions, progress
+    loaded: LoadedModel,
+    requests: list[CompletionParams],
+    prompt_ids: list[list[int]],
+    interventions: dict[str, Callable] | None,
+    progress: bool | None,
 ) -> Iterator[tuple[int, CompletionOutput]]:
     """(index, output) as each request finishes, with the interventions held meanwhile."""
     with _interventions(loaded.engine, interventions):
