@@ -217,7 +217,7 @@ def test_real_model_batched_steps_give_float32s_greedy_output(smollm2, smollm2_q
     from nanoengine.engine.scheduler import Sequence
 
     prompts = [smollm2.tokenizer.encode(text) for text in REAL_PROMPTS.values()][:5]
-    engine = Engine(smollm2_quantized, smollm2.tokenizer, EngineSettings(max_batch_size=8, background_compile=False))
+    engine = Engine(smollm2_quantized, EngineSettings(max_batch_size=8, background_compile=False))
     runner, rows = engine.runner, [Sequence(ids, 12, math.inf) for ids in prompts]
     for seq in rows:
         engine.scheduler.add(seq)
