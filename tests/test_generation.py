@@ -86,6 +86,7 @@ def test_closing_the_iterator_stops_the_work(tiny, monkeypatch):
 def test_cache_views_are_bucketed_and_capped(tiny):
     runner = ModelRunner(tiny, rows=1, max_len=600)
     assert [runner.bucket(n) for n in (1, 256, 257, 599)] == [256, 256, 512, 600]
+    assert [runner.fit(n) for n in (1, 64, 65, 599)] == [64, 64, 128, 600]  # an eager pass's views
 
 
 def test_generate_is_the_runner_driven_for_one_row(tiny, monkeypatch):

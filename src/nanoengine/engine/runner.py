@@ -3,9 +3,11 @@
 The runner owns execution: which step runs compiled or eagerly is decided here (with
 `compiling.py`), never inside the model. The pool (`KVCache` with one row per slot) is allocated
 once, for `rows` sequences of at most `max_len` tokens, so its memory is bounded whatever requests
-ask for. Each step runs over a view of the rows in use and of the positions in use, rounded up to
-`LENGTH_BUCKET`, so attention costs what is cached rather than what is reserved, and the shapes a
-compiled step sees stay few. A compiled decode step also rounds its rows up to a bucket
+ask for. Each step runs over a view of the rows in use and of the positions in use, so attention
+costs what is cached rather than what is reserved: an eager step's view ends at the next multiple of
+`LENGTH_ALIGN` positions (attention over a decode step's cache view reads every position in it,
+and at 32 rows costs as much as the matrix products), a compiled step's at the next multiple of
+`LENGTH_BUCKET`, so that the shapes it sees stay few. A compiled decode step also rounds its rows up to a bucket
 (`compiling.row_bucket`): the padding rows feed token 0 at a position whose keys nobody reads
 (see `decode`), and their logits are dropped, so no real row's tokens change.
 """
@@ -19,7 +21,8 @@ from ..model.kv_cache import KVCache
 from .compiling import BackgroundCompile, ForegroundCompile, foreground_compiler, row_bucket
 from .scheduler import PrefillBatch, Sequence
 
-LENGTH_BUCKET = 256
+LENGTH_BUCKET = 256  # a compiled step's cache view: a multiple of this
+LENGTH_ALIGN = 64  # an eager step's
 
 
 class ModelRunner:
@@ -46,8 +49,9 @@ class ModelRunner:
         position before anything attends it), the others at position 0 of free rows.
         """
         rows = len(sequences)
-        length = self.bucket(max(s.pos for s in sequences) + 1)
-        step, padded = self._compiled_step(rows, length, next_row_pos)
+        needed = max(s.pos for s in sequences) + 1
+        step, padded = self._compiled_step(rows, self.bucket(needed), next_row_pos)
+        length = self.bucket(needed) if step is not None else self.fit(needed)
         ids = [s.next_token for s in sequences] + [0] * (padded - rows)
         pos = [s.pos for s in sequences] + [next_row_pos] + [0] * (padded - rows - 1)
         ids_t = torch.tensor(ids, device=self.device)[:, None]  # (padded, 1)
@@ -85,12 +89,16 @@ class ModelRunner:
             pos.append(list(range(start + len(chunk), start + T)) + list(range(start, start + len(chunk))))
         ids_t = torch.tensor(ids, device=self.device)  # (B, T)
         pos_t = torch.tensor(pos, device=self.device)  # (B, T)
-        view = self.cache.view(len(ids), self.bucket(int(pos_t.max()) + 1), first_row=batch.first_row)
+        view = self.cache.view(len(ids), self.fit(int(pos_t.max()) + 1), first_row=batch.first_row)
         return self.model(ids_t, pos_t, view, last_only=True)[:, -1]  # (B, V)
 
     def bucket(self, needed: int) -> int:
-        """The cache view's length for `needed` positions: a multiple of `LENGTH_BUCKET`, at most the pool's."""
+        """A compiled step's cache view for `needed` positions: a multiple of `LENGTH_BUCKET`, at most the pool's."""
         return min(-(-needed // LENGTH_BUCKET) * LENGTH_BUCKET, self.cache.max_len)
+
+    def fit(self, needed: int) -> int:
+        """An eager pass's cache view for `needed` positions: a multiple of `LENGTH_ALIGN`, at most the pool's."""
+        return min(-(-needed // LENGTH_ALIGN) * LENGTH_ALIGN, self.cache.max_len)
 
 
 def next_token_logits(model: torch.nn.Module, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
