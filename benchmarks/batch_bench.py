@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of the throughput rounds")
     parser.add_argument("--ray", action="store_true", help="also compare 2 Ray actors with one 2-thread process")
     parser.add_argument("--ray-prompts", type=int, default=400, help="prompts of the Ray comparison")
     parser.add_argument("--one-process", nargs=4, help=argparse.SUPPRESS)
@@ -139,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         model, source, out, tokens = args.one_process
         one_process(model, source, out, int(tokens))
         return 0
+    os.environ["NANOENGINE_THREADS"] = str(args.threads)  # not the idle CPUs of the moment: see threads.py
     import nanoengine
 
-    results = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "cpus": os.cpu_count(),
+    results = {"threads": args.threads, "date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_model(), "cpus": os.cpu_count(),
                "model": args.model, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

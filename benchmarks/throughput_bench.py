@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_bench import MODEL, TEXT, concurrency_level, others_running, prompts  # noqa: E402
+from engine_bench import MODEL, TEXT, concurrency_level, others_running, padded_generate_s, prompts  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCHES = (16, 32, 64)
@@ -113,14 +113,10 @@ def transformers_worker(args: argparse.Namespace) -> dict:
     ours = Tokenizer.from_folder(folder)
     batch, texts = texts_of(ours, args.prompts, 16, 256), texts_of(ours, args.texts, 32, 512)
     generate_s, score_s, logprobs = {}, {}, None
+    torch.set_num_threads(args.threads)
     for size in args.batches:
         hf_tok.padding_side = "left"
-        start = time.perf_counter()
-        for i in range(0, len(batch), size):
-            encoded = hf_tok(batch[i : i + size], return_tensors="pt", padding=True)
-            with torch.inference_mode():
-                model.generate(**encoded, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=hf_tok.pad_token_id)
-        generate_s[size] = time.perf_counter() - start
+        generate_s[size] = padded_generate_s(model, hf_tok, batch, size, args.new_tokens)
         hf_tok.padding_side = "right"
         start = time.perf_counter()
         logprobs = [row for i in range(0, len(texts), size) for row in batched_logprobs(model, hf_tok, texts[i : i + size])]
@@ -159,9 +155,13 @@ def compile_worker(args: argparse.Namespace) -> dict:
             "seconds": {f"{r}x{n}": s for (r, n), s in compiler.seconds.items()}}  # fmt: skip
 
 
-def run_worker(name: str, argv: list[str], env: dict | None = None) -> dict:
+def run_worker(name: str, argv: list[str], threads: int, env: dict | None = None) -> dict:
+    """Run a worker in a fresh process with `threads` CPU threads. Pinned: left to itself, nanoengine
+    takes the CPUs idle at load time, and the load average the previous worker leaves behind
+    gave a run's int8 and int4 workers one thread of two."""
     command = [sys.executable, __file__, "--worker", name, *argv]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    env = {**os.environ, "NANOENGINE_THREADS": str(threads), **(env or {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -215,6 +215,7 @@ def table(runs: dict, args: argparse.Namespace) -> str:
         f"sizes: {args.prompts} prompts of 16-256 tokens x {args.new_tokens} new ({fp32['generated_tokens']} generated); "
         f"{args.texts} texts of 32-512 tokens ({fp32['score_tokens']} tokens); streams of {args.stream_tokens} new tokens"
     )
+    lines.append("threads: " + ", ".join(f"{name} {run['threads']}" for name, run in runs.items() if "threads" in run))
     return "\n".join(lines)
 
 
@@ -256,6 +257,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--solo-checks", type=int, default=16, help="prompts whose text is checked against generate()")
     parser.add_argument("--buckets", default="1x256,1x512", help="decode buckets (rows x cache length) to time compiling")
     parser.add_argument("--dtypes", default="float32,int8,int4")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system (the issue's 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few prompts and texts, no compile")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput-cpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -281,14 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     context = others_running()
-    runs = {dtype: run_worker(dtype, argv) for dtype in args.dtypes.split(",")}
-    runs["transformers"] = run_worker("transformers", argv)
+    runs = {dtype: run_worker(dtype, argv, args.threads) for dtype in args.dtypes.split(",")}
+    runs["transformers"] = run_worker("transformers", argv, args.threads)
     runs["transformers"]["generate_s"] = {int(k): v for k, v in runs["transformers"]["generate_s"].items()}
     runs["transformers"]["score_s"] = {int(k): v for k, v in runs["transformers"]["score_s"].items()}
     if args.buckets:
         with tempfile.TemporaryDirectory() as cache:  # a fresh inductor cache: cold, then warm
             env = {"TORCHINDUCTOR_CACHE_DIR": cache}
-            runs["compile_cold"], runs["compile_warm"] = run_worker("compile", argv, env), run_worker("compile", argv, env)
+            runs["compile_cold"], runs["compile_warm"] = (run_worker("compile", argv, args.threads, env) for _ in range(2))
     import torch
 
     report = {
