@@ -102,6 +102,19 @@ def loaded(module: QuantizedTensor, weights: torch.Tensor) -> tuple[QuantizedTen
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+def test_the_row_major_copy_follows_new_blocks_and_shared_ones(bits):
+    first, second = (torch.randn(16, 64, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    linear, expected = loaded(QuantizedLinear(64, 16, bits, bias=False), first)
+    assert torch.equal(linear.dequantized(), expected)  # the row-major copy is made here
+    _, expected = loaded(linear, second)  # new blocks: the copy is made again
+    assert torch.equal(linear.dequantized(torch.empty(16 * 64 + 5)), expected)
+    head, _ = loaded(QuantizedLinear(64, 16, bits, bias=False), first)
+    head.dequantized()
+    head.share(linear)  # a tied head takes its embedding's blocks
+    assert torch.equal(head.dequantized(), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows, width", LAYOUT_SHAPES)
 def test_the_kernel_layout_holds_the_blocks_weights(bits, rows, width):
     weights = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
