@@ -4,12 +4,12 @@ The runner owns execution: which step runs compiled or eagerly is decided here (
 `compiling.py`), never inside the model. The pool (`KVCache` with one row per slot) is allocated
 once, for `rows` sequences of at most `max_len` tokens, so its memory is bounded whatever requests
 ask for. Each step runs over a view of the rows in use and of the positions in use, so attention
-costs what is cached rather than what is reserved: an eager step's view ends at the next multiple of
-`LENGTH_ALIGN` positions (attention over a decode step's cache view reads every position in it,
-and at 32 rows costs as much as the matrix products), a compiled step's at the next multiple of
-`LENGTH_BUCKET`, so that the shapes it sees stay few. A compiled decode step also rounds its rows up to a bucket
-(`compiling.row_bucket`): the padding rows feed token 0 at a position whose keys nobody reads
-(see `decode`), and their logits are dropped, so no real row's tokens change.
+costs what is cached rather than what is reserved: an eager pass's view ends at the next multiple
+of `LENGTH_ALIGN` positions (a decode step's attention reads every position of its view, and at
+32 rows costs as much as the matrix products), a compiled step's at the next multiple of
+`LENGTH_BUCKET`, so that the shapes it sees stay few. A compiled decode step also rounds its rows
+up to a bucket (`compiling.row_bucket`): the padding rows feed token 0 at a position whose keys
+nobody reads (see `decode`), and their logits are dropped, so no real row's tokens change.
 """
 
 from __future__ import annotations
