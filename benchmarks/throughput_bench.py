@@ -155,16 +155,30 @@ def compile_worker(args: argparse.Namespace) -> dict:
             "seconds": {f"{r}x{n}": s for (r, n), s in compiler.seconds.items()}}  # fmt: skip
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, steal) CPU ticks since boot (/proc/stat; zeros elsewhere): steal is time the host gave
+    this virtual machine's CPUs to others, which no process list here shows."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
 def run_worker(name: str, argv: list[str], threads: int, env: dict | None = None) -> dict:
     """Run a worker in a fresh process with `threads` CPU threads. Pinned: left to itself, nanoengine
     takes the CPUs idle at load time, and the load average the previous worker leaves behind
     gave a run's int8 and int4 workers one thread of two."""
     command = [sys.executable, __file__, "--worker", name, *argv]
     env = {**os.environ, "NANOENGINE_THREADS": str(threads), **(env or {})}
+    before = cpu_ticks()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"worker {name} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ticks, steal = (after - then for after, then in zip(cpu_ticks(), before))
+    result["steal_share"] = steal / ticks if ticks else 0.0
+    return result
 
 
 def targets(runs: dict) -> list[tuple[str, str, bool]]:
@@ -216,6 +230,8 @@ def table(runs: dict, args: argparse.Namespace) -> str:
         f"{args.texts} texts of 32-512 tokens ({fp32['score_tokens']} tokens); streams of {args.stream_tokens} new tokens"
     )
     lines.append("threads: " + ", ".join(f"{name} {run['threads']}" for name, run in runs.items() if "threads" in run))
+    lines.append("CPU time the host took (steal) while each ran: " + ", ".join(
+        f"{name} {run['steal_share']:.0%}" for name, run in runs.items() if "steal_share" in run))  # fmt: skip
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def test_the_throughput_targets_say_met_or_not_met_from_the_measurements():
             "generated_tokens": 8, "score_tokens": 3}  # fmt: skip
     runs = {
         "float32": fp32,
-        "int8": {"generate_s": 9.0, "texts": ["a", "b"]},
+        "int8": {"generate_s": 9.0, "texts": ["a", "b"], "steal_share": 0.125},
         "int4": {"generate_s": 12.0, "texts": ["a", "c"]},
         "transformers": {"generate_s": {16: 30.0, 32: 25.0}, "score_s": {16: 8.0, 32: 9.0}, "logprobs": [[-1.0, -2.0005]]},
     }
@@ -75,3 +75,4 @@ def test_the_throughput_targets_say_met_or_not_met_from_the_measurements():
     assert not met["int4 llm.generate no slower than float32's"] and not met["int4 greedy texts = float32's"]
     shown = bench.table(runs, bench.parse(["--quick"]))
     assert "| llm.score >= 2.0x transformers' best batched forward | 5.0 s vs 8.0 s (batch 16): 1.60x | **NOT met** |" in shown
+    assert "CPU time the host took (steal) while each ran: int8 12%" in shown
