@@ -50,8 +50,9 @@ class ModelRunner:
         """
         rows = len(sequences)
         needed = max(s.pos for s in sequences) + 1
-        step, padded = self._compiled_step(rows, self.bucket(needed), next_row_pos)
-        length = self.bucket(needed) if step is not None else self.fit(needed)
+        bucket = self.bucket(needed)
+        step, padded = self._compiled_step(rows, bucket, next_row_pos)
+        length = bucket if step is not None else self.fit(needed)
         ids = [s.next_token for s in sequences] + [0] * (padded - rows)
         pos = [s.pos for s in sequences] + [next_row_pos] + [0] * (padded - rows - 1)
         ids_t = torch.tensor(ids, device=self.device)[:, None]  # (padded, 1)

@@ -16,9 +16,10 @@ recovers the blocks exactly and dequantizing reproduces the float32 weights bit 
 scale is exact in float32; adding the offset rounds once, as the GGUF reference does). Other
 checkpoints get the ordinary round-to-nearest error of their format.
 
-Activations stay float. A projection has one product, `forward`: it dequantizes its weight into a
-buffer reused by every projection of the thread (one float32 matrix at a time, written in place:
-no fresh allocation to page in at every step), from a row-major copy of the codes, and multiplies. `matvec` is the same product for a
+Activations stay float. A projection has one product, `forward`: it dequantizes its weight, from
+a row-major copy of the codes, into a buffer reused by every projection of the thread (one
+float32 matrix at a time, written in place: no fresh allocation to page in at every step) and
+multiplies. `matvec` is the same product for a
 few rows that reads the codes once and never builds the float32 matrix, for `torch.compile`
 (3x faster than float32's own one-token product on CPU); which one a step uses is the runner's
 choice (`engine/compiling.py`).
