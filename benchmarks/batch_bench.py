@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-prompts", type=int, default=400, help="prompts of the Ray comparison")
     parser.add_argument("--one-process", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
     if args.one_process:
         model, source, out, tokens = args.one_process
         one_process(model, source, out, int(tokens))

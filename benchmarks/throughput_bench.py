@@ -278,6 +278,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput-cpu.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, not {args.threads}")
     args.streams, args.batches = [1, 8, 32], BATCHES
     if args.quick:
         args.prompts, args.new_tokens, args.texts, args.stream_tokens, args.solo_checks = 8, 4, 8, 4, 2
