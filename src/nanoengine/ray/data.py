@@ -2,11 +2,14 @@
 
     ds = ray.data.from_items([{"prompt": p} for p in prompts])
     ds = ds.map_batches(NanoEngineGenerate, fn_constructor_kwargs={"model": "smollm2-135m-instruct",
-                        "max_new_tokens": 64, "temperature": 0}, concurrency=4, batch_size=32, num_cpus=1)
+                        "max_new_tokens": 64, "temperature": 0}, batch_size=32, num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(size=4, max_tasks_in_flight_per_actor=1))
 
 Each actor loads the model once (a registered name is fetched on each node; a folder must be on
 every node) and gives torch as many threads as Ray gave the actor CPUs. A batch's prompts are
-submitted together, so the actor's engine runs them at its full batch width.
+submitted together, so the actor's engine runs them at its full batch width. One batch in
+flight per actor keeps a job's last batches spread over the actors: Ray Data's default queues
+several on each, and 400 lines on 2 actors took 109 s that way against 61 s.
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def answered_on_ray(
     ]
     answered = ray.data.from_items(rows).map_batches(
         BatchLines, fn_constructor_args=args, fn_constructor_kwargs=options, batch_size=lines_per_batch,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options["threads"],
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1), num_cpus=options["threads"],
     )  # fmt: skip
     for batch in answered.iter_batches(batch_size=None, batch_format="default"):
         for record, count in zip(batch["record"], batch["tokens"]):
