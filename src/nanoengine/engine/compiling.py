@@ -13,11 +13,13 @@ Compiled shapes are static and few: a decode step's rows are padded up to a buck
 `ROW_BUCKETS` (by the runner) and its cache view is a multiple of 256 positions, so at most a
 handful of (rows, length) pairs occur. Which rows are compiled without being asked is
 `auto_rows`: on a GPU every bucket (a step there is launch-bound, and a compiled one can replay
-as a CUDA graph); on CPU only one row, because there a compiled step of several rows measured
-slower than the eager one (16 rows over 512 positions, SmolLM2, 2 threads: 1.9 s against 0.5-1.3
-s; the eager step is already the stock matrix products), so several rows stay eager, unpadded. `torch.compile` costs 35-40 s per shape on a cold cache
-(about 10 s warm, from inductor's disk cache), which a process that serves for minutes should not
-pay up front or in the middle of a stream. So the engine serves eagerly; once it has decoded
+as a CUDA graph); on CPU only one row, because there a compiled step of several rows gains
+little or loses (the eager step is already the stock matrix products): SmolLM2, 2 threads, 256
+positions, AVX-512: 8 rows 80 ms compiled against 88 eager (alternated, medians of 5), 16 and 32
+rows 114 and 198 ms against 100 and 154 (one run each), for about 50 s of compiling per shape.
+So several rows stay eager, unpadded. `torch.compile` costs 35-70 s per shape on a cold cache
+(about 10 s warm, from inductor's disk cache), which a process that serves for minutes should
+not pay up front or in the middle of a stream. So the engine serves eagerly; once it has decoded
 `after_tokens` tokens (it is not a one-shot run), each (rows, length) it meets is compiled by a
 thread of our own, on a scratch cache laid out like the pool (so the graph's guards hold for the
 real one), and used from the next step on. A failure leaves the engine eager, with a warning.
