@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS_DIR, cpu_model, spread  # noqa: E402
+from report import RESULTS_DIR, cpu_model, cpu_ticks, spread  # noqa: E402
 
 TOPICS = ["the sea", "a city at night", "bread", "the moon", "trains", "a library", "winter", "bees"]
 
@@ -48,16 +48,6 @@ def prompts(count: int) -> list[str]:
 def write_input(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"custom_id": f"r{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
     return path
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(all, steal) CPU ticks since boot (/proc/stat; zeros elsewhere): steal is time the host gave
-    this virtual machine's CPUs to others, which no process list here shows."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0, 0
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
 
 
 def compile_one_row_steps(llm, longest: int, timeout: float = 900.0) -> dict[str, float]:

@@ -25,6 +25,16 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, steal) CPU ticks since boot (/proc/stat; zeros elsewhere): steal is time the host gave
+    this virtual machine's CPUs to others, which no process list here shows."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

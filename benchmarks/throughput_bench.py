@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import MODEL, TEXT, concurrency_level, others_running, padded_generate_s, prompts  # noqa: E402
+from report import RESULTS_DIR, cpu_ticks  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCHES = (16, 32, 64)
 SOLO_ROUNDS = 3  # alternated rounds of one stream against the single-sequence loop
 
@@ -166,16 +166,6 @@ def compile_worker(args: argparse.Namespace) -> dict:
     compiler.stop()
     return {"total_s": time.perf_counter() - start, "failed": compiler.failed,
             "seconds": {f"{r}x{n}": s for (r, n), s in compiler.seconds.items()}}  # fmt: skip
-
-
-def cpu_ticks() -> tuple[int, int]:
-    """(all, steal) CPU ticks since boot (/proc/stat; zeros elsewhere): steal is time the host gave
-    this virtual machine's CPUs to others, which no process list here shows."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0, 0
-    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
 
 
 def run_worker(name: str, argv: list[str], threads: int, env: dict | None = None) -> dict:
