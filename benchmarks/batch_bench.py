@@ -57,13 +57,8 @@ def compile_one_row_steps(llm, longest: int, timeout: float = 900.0) -> dict[str
     if compiler is None:
         return {}
     shapes = [(1, length) for length in range(256, longest + 256, 256)]
-    for shape in shapes:
-        compiler.ask(shape)
-    deadline = time.monotonic() + timeout
-    while not compiler.failed and any(s not in compiler.compiled for s in shapes):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the one-row compiles did not end within {timeout:.0f} s")
-        time.sleep(0.5)
+    if not compiler.wait(shapes, timeout) and not compiler.failed:
+        raise SystemExit(f"the one-row compiles did not end within {timeout:.0f} s")
     return {f"{r}x{n}": compiler.seconds.get((r, n), float("nan")) for r, n in shapes}
 
 
@@ -133,6 +128,7 @@ def ray_comparison(model: str, texts: list[str], workdir: Path, max_new_tokens: 
     from nanoengine.ray import run_batch_on_ray
 
     source = write_input(workdir / "ray-in.jsonl", texts)
+    before = os.environ.get("NANOENGINE_BACKGROUND_COMPILE")
     os.environ["NANOENGINE_BACKGROUND_COMPILE"] = "0"  # read by the subprocess and by Ray's workers
     start = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
@@ -154,7 +150,10 @@ def ray_comparison(model: str, texts: list[str], workdir: Path, max_new_tokens: 
             print(f"Ray round {run + 1}: " + ", ".join(f"{n} {w[-1]:.1f} s" for n, w in walls.items()), flush=True)
     finally:
         ray.shutdown()
-        del os.environ["NANOENGINE_BACKGROUND_COMPILE"]
+        if before is None:
+            del os.environ["NANOENGINE_BACKGROUND_COMPILE"]
+        else:
+            os.environ["NANOENGINE_BACKGROUND_COMPILE"] = before
     result = {name: {"wall s": spread(w), "tok/s median": tokens / spread(w)["median"]} for name, w in walls.items()}
     return {**result, "ray.init s": init, "completion tokens": tokens}
 

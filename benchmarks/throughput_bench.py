@@ -159,10 +159,7 @@ def compile_worker(args: argparse.Namespace) -> dict:
     llm = nanoengine.load(MODEL)
     compiler = BackgroundCompile(llm.model, llm.engine.max_seq_len, after_tokens=0)
     start = time.perf_counter()
-    for shape in args.buckets:
-        compiler.ask(shape)
-    while len(compiler.compiled) < len(args.buckets) and not compiler.failed:
-        time.sleep(0.5)
+    compiler.wait(args.buckets, timeout=None)
     compiler.stop()
     return {"total_s": time.perf_counter() - start, "failed": compiler.failed,
             "seconds": {f"{r}x{n}": s for (r, n), s in compiler.seconds.items()}}  # fmt: skip

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from nanoengine import Completion, SamplingParams, Tokenizer, generate, load_model
+from nanoengine.engine.compiling import BackgroundCompile
 from nanoengine.engine.loop import Engine, EngineSettings
 from nanoengine.api.models import get_model
 from nanoengine.api.outputs import Mailbox, OutputBuilder
@@ -387,6 +388,19 @@ def test_a_flood_of_huge_requests_stays_within_the_kv_pool(smollm2, engine_for):
 # --- Compiled in the background --------------------------------------------------------------
 
 
+def test_waiting_for_a_compile_that_fails_returns_false_without_waiting_out_the_timeout(tiny):
+    compiler = BackgroundCompile(load_model(tiny), 256, after_tokens=0)
+
+    def broken(rows: int, length: int):
+        raise RuntimeError("no compiler on this machine")
+
+    compiler._compile = broken
+    start = time.monotonic()
+    assert compiler.wait([(1, 256)], timeout=600) is False
+    assert compiler.failed and time.monotonic() - start < 300
+    compiler.stop()
+
+
 def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_output(tiny, engine_for):
     model, tokenizer = load_model(tiny), Tokenizer.from_folder(tiny)
     prompts = [tokenizer.encode(f"Compiled or not, request {i} reads {TEXT[: 20 + 25 * i]}") for i in range(3)]
@@ -399,8 +413,7 @@ def test_the_background_compile_switches_over_between_steps_and_keeps_greedy_out
     assert wait_until(lambda: (1, 256) in compiler.compiled, seconds=900), "the background compile did not finish"
     calls = []
     for shape in [(1, 256), (4, 256)]:
-        compiler.ask(shape)
-        assert wait_until(lambda: shape in compiler.compiled, seconds=900), f"compiling {shape} did not finish"
+        assert compiler.wait([shape], timeout=900), f"compiling {shape} did not finish"
         compiled = compiler.compiled[shape]
         compiler.compiled[shape] = lambda *args, step=compiled, rows=shape[0]: calls.append(rows) or step(*args)
     for ids, expected in zip(prompts, eager):  # one row: the compiled one-token step

@@ -35,7 +35,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -174,6 +174,7 @@ class BackgroundCompile:
         self._asked: set[Shape] = set()
         self._todo: queue.SimpleQueue[Shape | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._progress = threading.Condition()  # notified after each compile, built or failed
         self.failed = False  # a compile raised: the engine stays eager
 
     def step_for(self, rows: int, length: int) -> Step | None:
@@ -192,6 +193,21 @@ class BackgroundCompile:
             self._asked.add(shape)
             self._todo.put(shape)
             self._start()
+
+    def wait(self, shapes: Iterable[Shape], timeout: float | None) -> bool:
+        """Queue `shapes` (see `ask`) and block until each is compiled (True), or until a compile
+        failed or `timeout` seconds (None: no limit) passed (False): for callers that must not
+        share the CPUs with a compile, such as benchmarks and tests."""
+        shapes = list(shapes)
+        for shape in shapes:
+            self.ask(shape)
+
+        def built() -> bool:
+            return all(shape in self.compiled for shape in shapes)
+
+        with self._progress:
+            self._progress.wait_for(lambda: self.failed or built(), timeout)
+            return built()
 
     def stop(self, join_seconds: float = EXIT_JOIN_SECONDS) -> None:
         """Compile nothing more, and wait for a compile under way to end: a thread still inside
@@ -215,10 +231,14 @@ class BackgroundCompile:
                 step = self._compile(*shape)
             except Exception:  # the eager step is still there: keep serving with it
                 logger.warning("compiling the decode step failed; staying eager", exc_info=True)
-                self.failed = True
+                with self._progress:
+                    self.failed = True
+                    self._progress.notify_all()
                 return
-            self.seconds[shape] = time.monotonic() - start
-            self.compiled[shape] = step
+            with self._progress:
+                self.seconds[shape] = time.monotonic() - start
+                self.compiled[shape] = step
+                self._progress.notify_all()
             logger.info("decode step for %d rows x %d cache positions compiled in %.0f s (in the background)", *shape, self.seconds[shape])
 
     def _compile(self, rows: int, length: int) -> Step:
