@@ -418,17 +418,20 @@ def test_timeout_counts_the_wait_for_a_free_slot(tiny, tmp_path):
     saved = models._settings
     configure(max_batch_size=1)
     try:
-        busy = Completion.create(folder, "Hello", LONG, timeout=60, stream=True)
-        next(busy)  # the only row is taken
-        for call in [
-            lambda: Completion.create(folder, "Hello", 4, timeout=0.3),
-            lambda: asyncio.run(Completion.acreate(folder, "Hello", 4, timeout=0.3)),
-        ]:
-            start = time.monotonic()
-            with pytest.raises(RequestTimeoutError, match="0 of 4 tokens"):
-                call()
-            assert 0.3 <= time.monotonic() - start
-        busy.close()
+        # Slowed steps (200 take 10 s): unslowed, the tiny model's LONG tokens take about as long
+        # as the two waits below (0.6-0.8 s), and the row could come free before the second.
+        with watch(folder, delay=0.05):
+            busy = Completion.create(folder, "Hello", LONG, timeout=60, stream=True)
+            next(busy)  # the only row is taken
+            for call in [
+                lambda: Completion.create(folder, "Hello", 4, timeout=0.3),
+                lambda: asyncio.run(Completion.acreate(folder, "Hello", 4, timeout=0.3)),
+            ]:
+                start = time.monotonic()
+                with pytest.raises(RequestTimeoutError, match="0 of 4 tokens"):
+                    call()
+                assert 0.3 <= time.monotonic() - start
+            busy.close()
         assert_model_free(folder)
     finally:
         models._settings = saved
