@@ -69,6 +69,15 @@ class OneTokenLinear(Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+class StockLinear(Linear):
+    """A projection's form for several rows in a compiled step: the stock product, which inductor
+    lowers itself (the eager product's oneDNN call does not trace: see `decoder.linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight.to(x.dtype))  # (..., T, out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 def _matvec_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A quantized projection's one-token form: its `matvec`, which reads the codes once."""
     y = self.matvec(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -83,14 +92,14 @@ def _dequantized_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-_forms: dict[tuple[type, bool], type | None] = {(Linear, True): OneTokenLinear}
+_forms: dict[tuple[type, bool], type | None] = {(Linear, True): OneTokenLinear, (Linear, False): StockLinear}
 
 
 def _form(module: nn.Module, one_row: bool) -> type | None:
-    """The class a compiled step puts `module` in (None: its own): for one row, `OneTokenLinear`
-    for our projections; for a quantized projection (a module with `out_features`, `matvec` and
-    `dequantized_in_graph`), a subclass whose forward is `matvec` (one row) or the stock product
-    of the dequantized weight (several)."""
+    """The class a compiled step puts `module` in (None: its own): `OneTokenLinear` (one row) or
+    `StockLinear` (several) for our projections; for a quantized projection (a module with
+    `out_features`, `matvec` and `dequantized_in_graph`), a subclass whose forward is `matvec`
+    (one row) or the stock product of the dequantized weight (several)."""
     cls = type(module)
     if (cls, one_row) not in _forms:
         form = None

@@ -34,10 +34,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model.decoder import CausalLM
+from ..model.decoder import CausalLM, linear
 
 GROUP_SIZE = 32
 
@@ -233,7 +232,7 @@ class QuantizedLinear(QuantizedTensor):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized(_scratch(self.rows * self.in_features, self.codes.device))
-        y = F.linear(x, weight.to(x.dtype))  # (..., T, out)
+        y = linear(x, weight.to(x.dtype))  # (..., T, out)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
