@@ -328,16 +328,15 @@ class CausalLM(nn.Module):
             input_pos = torch.arange(T, device=input_ids.device)  # (T,)
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(B, T)  # (B, T)
-        return self._forward(input_ids, input_pos, cache, last_only)
-
-    def _forward(
-        self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None, last_only: bool
-    ) -> torch.Tensor:
-        x = self.model(input_ids, input_pos, cache, self.compute_dtype)  # (B, T, C)
+        x = self.hidden_states(input_ids, input_pos, cache)  # (B, T, C)
         if last_only:
             # Generation only needs the next token: skip the head on every other position.
             x = x[:, -1:, :]  # (B, 1, C)
         return self.logits_of(x)  # (B, T, V)
+
+    def hidden_states(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C) under the head, for positions (B, T)."""
+        return self.model(input_ids, input_pos, cache, self.compute_dtype)
 
     def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
         """The head on final-normed hidden states (..., C) -> logits (..., V)."""

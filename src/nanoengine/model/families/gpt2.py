@@ -158,11 +158,8 @@ class GPT2LMHeadModel(CausalLM):
         weight = self.transformer.ln_f.weight
         return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
-    def _forward(self, input_ids, input_pos, cache, last_only) -> torch.Tensor:
-        x = self.transformer(input_ids, input_pos, cache, self.compute_dtype)  # (B, T, C)
-        if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        return self.lm_head(x)  # (B, T, V)
+    def hidden_states(self, input_ids, input_pos, cache) -> torch.Tensor:
+        return self.transformer(input_ids, input_pos, cache, self.compute_dtype)  # (B, T, C)
 
 
 MODEL_TYPE = "gpt2"  # config.json's model_type
