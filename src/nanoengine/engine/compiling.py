@@ -2,31 +2,36 @@
 not in the model; and compiled steps without the wait: built in the background, switched to
 between steps.
 
-The model has one plain forward. A compiled step is `torch.compile` of that forward on a *twin*
-of the model: the same parameters and buffers (no copy of any tensor), with each projection in
-the form that suits the step. A one-row, one-token step is a matrix-vector product, which
-inductor emits as one vectorised pass over the weight that upcasts (or decodes quantized codes)
-as it reads, at memory speed (`OneTokenLinear`, and a quantized module's `matvec`); a step of
-several rows keeps the stock matrix products (a quantized weight dequantized inside the graph).
+The model has one plain forward, with the reference's products: called directly (a trace, a
+user's experiment) it computes transformers' numbers bit for bit. The runner's eager passes run
+a *twin* of the model instead: the same parameters, buffers and hooks (no copy of any tensor),
+with each projection in a form of its own. On a CPU computing float32 that form multiplies with
+oneDNN (`in_eager_form`), 1.25-1.35x faster than the reference's MKL product on SmolLM2's steps,
+equal to it within rounding. A compiled step is `torch.compile` of the forward on another twin,
+each projection in the form that suits the step. A one-row, one-token step is a matrix-vector
+product, which inductor emits as one vectorised pass over the weight that upcasts (or decodes
+quantized codes) as it reads, at memory speed (`OneTokenLinear`, and a quantized module's
+`matvec`); a step of several rows keeps the stock matrix products (a quantized weight
+dequantized inside the graph).
 
 Compiled shapes are static and few: a decode step's rows are padded up to a bucket of
 `ROW_BUCKETS` (by the runner) and its cache view is a multiple of 256 positions, so at most a
 handful of (rows, length) pairs occur. Which rows are compiled without being asked is
-`auto_rows`: on a GPU every bucket (a step there is launch-bound, and a compiled one can replay
-as a CUDA graph); on CPU only one row, because there a compiled step of several rows gains
-little or loses (the eager step is already the stock matrix products): SmolLM2, 2 threads, 256
-positions, AVX-512: 8 rows 80 ms compiled against 88 eager (alternated, medians of 5), 16 and 32
-rows 114 and 198 ms against 100 and 154 (one run each), for about 50 s of compiling per shape.
-So several rows stay eager, unpadded. `torch.compile` costs 35-70 s per shape on a cold cache
-(about 10 s warm, from inductor's disk cache), which a process that serves for minutes should
-not pay up front or in the middle of a stream. So the engine serves eagerly; once it has decoded
-`after_tokens` tokens (it is not a one-shot run), each (rows, length) it meets is compiled by a
-thread of our own, on a scratch cache laid out like the pool (so the graph's guards hold for the
-real one), and used from the next step on. A failure leaves the engine eager, with a warning.
-`compile_steps(model)` instead has every runner on that model compile each shape in the
-foreground, the first time it runs it (the single-sequence `generate()` and the benchmarks).
+`auto_rows`: on a GPU every bucket (where the engine compiles at all: by default it replays its
+steps as CUDA graphs instead, see `graphs.py`); on CPU only one row, because there a compiled
+step of several rows gains little or loses against the eager matrix products: SmolLM2, 2
+threads, 256 positions, AVX-512: 8 rows 80 ms compiled against 88 eager (alternated, medians of
+5), 16 and 32 rows 114 and 198 ms against 100 and 154 (one run each, both with MKL's products),
+for about 50 s of compiling per shape. So several rows stay eager, unpadded. `torch.compile`
+costs 35-70 s per shape on a cold cache (about 10 s warm, from inductor's disk cache), which a
+process that serves for minutes should not pay up front or in the middle of a stream. So the
+engine serves eagerly; once it has decoded `after_tokens` tokens (it is not a one-shot run),
+each (rows, length) it meets is compiled by a thread of our own, on a scratch cache laid out
+like the pool (so the graph's guards hold for the real one), and used from the next step on. A
+failure leaves the engine eager, with a warning. `compile_steps(model)` instead has every runner
+on that model compile each shape in the foreground, the first time it runs it (the
+single-sequence `generate()` and the benchmarks).
 """
-
 from __future__ import annotations
 
 import copy
@@ -69,13 +74,37 @@ class OneTokenLinear(Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-class StockLinear(Linear):
-    """A projection's form for several rows in a compiled step: the stock product, which inductor
-    lowers itself (the eager product's oneDNN call does not trace: see `decoder.linear`)."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T, float32 on the CPU, by oneDNN rather than by MKL (`F.linear`'s): on SmolLM2's
+    shapes (2 threads, AVX-512) whole decode steps of 1 to 32 rows and prompt passes run
+    1.25-1.35x faster, the head about 2x at a few rows. The same products summed in another
+    order: within rounding of the reference's numbers, not equal to them bit for bit."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.linear(x, self.weight.to(x.dtype))  # (..., T, out)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+def _onednn_form(module: nn.Module) -> type | None:
+    """`module`'s class with oneDNN's product, for a projection whose product is `F.linear`."""
+    cls = type(module)
+    if (cls, "onednn") not in _forms:
+        stock = getattr(cls, "product", None) is torch.nn.functional.linear
+        _forms[cls, "onednn"] = type(f"OneDnn{cls.__name__}", (cls,), {"product": staticmethod(onednn_linear)}) if stock else None
+    return _forms[cls, "onednn"]
+
+
+_eager: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def in_eager_form(model: CausalLM) -> nn.Module:
+    """What eager passes (the runner's, `llm.score`'s) run for `model`: on a CPU computing in
+    float32 where torch has oneDNN, its twin with every projection's product oneDNN's (made once
+    per model); elsewhere the model itself. The model's own forward keeps the reference's product,
+    so that a trace or a direct call gives transformers' numbers bit for bit."""
+    fast = model.compute_dtype == torch.float32 and model.lm_head.weight.device.type == "cpu"
+    if not (fast and torch.backends.mkldnn.is_available()):
+        return model
+    if model not in _eager:
+        _eager[model] = twin(model, _onednn_form)
+    return _eager[model]
 
 
 def _matvec_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +121,14 @@ def _dequantized_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-_forms: dict[tuple[type, bool], type | None] = {(Linear, True): OneTokenLinear, (Linear, False): StockLinear}
+_forms: dict[tuple[type, object], type | None] = {(Linear, True): OneTokenLinear}
 
 
 def _form(module: nn.Module, one_row: bool) -> type | None:
-    """The class a compiled step puts `module` in (None: its own): `OneTokenLinear` (one row) or
-    `StockLinear` (several) for our projections; for a quantized projection (a module with
-    `out_features`, `matvec` and `dequantized_in_graph`), a subclass whose forward is `matvec`
-    (one row) or the stock product of the dequantized weight (several)."""
+    """The class a compiled step puts `module` in (None: its own): for one row, `OneTokenLinear`
+    for our projections; for a quantized projection (a module with `out_features`, `matvec` and
+    `dequantized_in_graph`), a subclass whose forward is `matvec` (one row) or the stock product
+    of the dequantized weight (several)."""
     cls = type(module)
     if (cls, one_row) not in _forms:
         form = None

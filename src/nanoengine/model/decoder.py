@@ -37,31 +37,16 @@ class HookPoint(nn.Identity):
         return bool(self._forward_hooks)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T, for a weight (out, in) in x's dtype.
-
-    Float32 on the CPU goes to oneDNN where this torch build has it, rather than to MKL as
-    `F.linear` does: on SmolLM2's shapes (2 threads, AVX-512) it is 1.25-1.35x faster for whole
-    decode steps of 1 to 32 rows and for prompt passes, about 2x for the head at a few rows. The
-    two differ by rounding only (the same float32 products, summed in another order). Traced by
-    `torch.compile`, the call would fail (inductor takes oneDNN's op only for weights it packed
-    itself): compiled steps put projections in forms of their own (`engine/compiling.py`).
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu" and ONEDNN:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    return F.linear(x, weight)
-
-
-ONEDNN = torch.backends.mkldnn.is_available()
-
-
 class Linear(nn.Linear):
     """`nn.Linear` whose weight may be stored in a smaller dtype than its input."""
 
     transposed_weight = False  # a projection quantization may swap (`quantize.py`): its weight is (out, in)
+    # x @ W.T, the reference's own (MKL on CPU): the model's forward computes transformers'
+    # numbers bit for bit. The engine's runner swaps in a faster one (`engine/compiling.py`).
+    product = staticmethod(F.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight.to(x.dtype))  # (..., T, out); upcasts one matrix at a time
+        y = self.product(x, self.weight.to(x.dtype))  # (..., T, out); upcasts one matrix at a time
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -161,7 +146,8 @@ def attend(
         # query head (a third less time at 32 rows x 512 positions, where reading the cache
         # costs as much as the layer's matrix products); the mask (B, 1, 1, L) holds for all.
         grouped = q.reshape(B, k.shape[1], nh // k.shape[1], hd)  # (B, nkv, nh/nkv, hd)
-        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale).view(B, nh, 1, hd)
+        out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)  # (B, nkv, nh/nkv, hd)
+        return out.reshape(B, nh, 1, hd)  # a view on CPU; CUDA's kernels may return it strided
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
     )  # (B, nh, T, hd)
