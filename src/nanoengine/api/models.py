@@ -36,6 +36,7 @@ ENGINE_ENV = {  # EngineSettings field -> environment variable
     "max_seq_len": "NANOENGINE_MAX_SEQ_LEN",
     "prefill_chunk": "NANOENGINE_PREFILL_CHUNK",
     "background_compile": "NANOENGINE_BACKGROUND_COMPILE",
+    "cuda_graphs": "NANOENGINE_CUDA_GRAPHS",
 }
 FLAGS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
 
@@ -61,6 +62,7 @@ class _Settings:
     max_seq_len: int | None = None
     prefill_chunk: int | None = None
     background_compile: bool | None = None
+    cuda_graphs: bool | None = None
 
 
 _settings = _Settings()
@@ -75,6 +77,7 @@ def configure(
     max_seq_len: int | None = None,
     prefill_chunk: int | None = None,
     background_compile: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> None:
     """Set how models loaded from now on are loaded; a setting left as None stays as it was.
 
@@ -90,8 +93,10 @@ def configure(
     how many prompt tokens are prefilled per step, which bounds how long a new prompt can delay
     the running streams' next token; `background_compile` (on by default) lets an engine that
     has decoded a few hundred tokens compile its decode step in a thread of its own and switch to
-    it when ready (see `compiling.py`; `compile=True` compiles before serving instead). Models
-    already loaded are kept, under their own options.
+    it when ready (see `compiling.py`; `compile=True` compiles before serving instead); on a GPU,
+    `cuda_graphs` (on by default) has it replay each decode step as a CUDA graph instead (see
+    `graphs.py`), and compile nothing unasked. Models already loaded are kept, under their own
+    options.
     """
     global _settings
     if dtype is not None:
@@ -104,9 +109,11 @@ def configure(
     for name, value in sizes.items():
         if value is not None:
             _positive_int(name, value, "configure()")
-    if background_compile is not None:
-        _flag("background_compile", background_compile, "configure()")
-    given = dict(dtype=dtype, device=device, compile=compile, background_compile=background_compile, **sizes)
+    flags = dict(background_compile=background_compile, cuda_graphs=cuda_graphs)
+    for name, value in flags.items():
+        if value is not None:
+            _flag(name, value, "configure()")
+    given = dict(dtype=dtype, device=device, compile=compile, **flags, **sizes)
     _settings = replace(_settings, **{name: value for name, value in given.items() if value is not None})
 
 

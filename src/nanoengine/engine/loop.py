@@ -45,12 +45,14 @@ OFFLINE_CHUNK = 2048  # prompt tokens prefilled per step while no live sequence 
 class EngineSettings:
     """How an engine is sized: concurrent sequences (rows of the KV pool), the longest sequence
     (prompt plus new tokens) a row holds, and the prompt tokens prefilled per step; and whether
-    it compiles its decode step in the background once it has served a while (`compiling.py`)."""
+    it compiles its decode step in the background once it has served a while (`compiling.py`),
+    or on a GPU replays it as a CUDA graph (`graphs.py`)."""
 
     max_batch_size: int = 32
     max_seq_len: int = 4096
     prefill_chunk: int = 256
     background_compile: bool = True
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -109,11 +111,12 @@ class Engine:
         self.max_seq_len = min(settings.max_seq_len, model.config.max_position_embeddings)
         self.settings = settings
         self.eos_ids = frozenset(model.config.eos_token_ids)
+        graphs = settings.cuda_graphs and model.lm_head.weight.device.type == "cuda"
         self.compiler = None
-        if settings.background_compile or compile_now:
+        if compile_now or (settings.background_compile and not graphs):  # graphs replace the unasked compile
             self.compiler = BackgroundCompile(model, self.max_seq_len, after_tokens=0 if compile_now else COMPILE_AFTER_TOKENS)
         pool_rows = settings.max_batch_size  # the memory bound the user set; rows are zeroed once used
-        self.runner = ModelRunner(model, pool_rows, self.max_seq_len, self.compiler)
+        self.runner = ModelRunner(model, pool_rows, self.max_seq_len, self.compiler, cuda_graphs=graphs)
         chunk = min(settings.prefill_chunk, self.max_seq_len)
         offline_chunk = min(max(chunk, OFFLINE_CHUNK), self.max_seq_len)
         self.scheduler = Scheduler(settings.max_batch_size, chunk, self.runner.move_row, pool_rows, offline_chunk)
