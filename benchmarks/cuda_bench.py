@@ -1,8 +1,9 @@
 """Decode speed on a CUDA GPU: nanoengine bfloat16 eager, compiled, and compiled with CUDA graphs,
-and its engine (the serving loop) eager and compiled in the background, against `transformers`
-bfloat16, in one run (prepared for a lent GPU machine, run there as is).
+and its engine (the serving loop) eager, replaying CUDA graphs (its default there) and compiled,
+against `transformers` bfloat16, in one run (prepared for a lent GPU machine, run there as is).
 
     python benchmarks/cuda_bench.py --config weights/smollm2-135m-instruct/config.json --out results/
+    python benchmarks/cuda_bench.py --config ... --systems transformers-bf16,engine-bf16   # some of them
     python benchmarks/cuda_bench.py --config ... --device cpu --runs 1 --new-tokens 8   # a smoke run
 
 The weights do not travel to such a machine (they are larger than what may be sent), so the model
@@ -62,12 +63,15 @@ def nanoengine_system(folder: Path, prompt: list[int], new_tokens: int, device: 
     return run
 
 
-def engine_system(folder: Path, prompt: str, new_tokens: int, device: str, compiled: bool, wait_s: float = 600):
+def engine_system(
+    folder: Path, prompt: str, new_tokens: int, device: str, compiled: bool, graphs: bool = True, wait_s: float = 600
+):
     """The engine through `llm.complete`; `compiled`: its one-row step compiled in the background
-    from the first step on (configure(compile=True)), measured once the compiled step is in use."""
+    from the first step on (configure(compile=True)), measured once the compiled step is in use;
+    else eager, with its steps replayed as CUDA graphs when `graphs` (the default on a GPU)."""
     import nanoengine
 
-    nanoengine.configure(dtype="bfloat16", device=device, compile=compiled, background_compile=compiled)
+    nanoengine.configure(dtype="bfloat16", device=device, compile=compiled, background_compile=compiled, cuda_graphs=graphs)
     llm = nanoengine.load(folder)
 
     def run():
@@ -119,6 +123,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--device", default="cuda")
+    p.add_argument("--systems", default="", help="a comma-separated subset of the systems (default: all)")
     args = p.parse_args()
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -138,9 +143,15 @@ def main() -> int:
         "nanoengine-bf16": (lambda: nanoengine_system(folder, prompt, n, device, None), "transformers-bf16"),
         "nanoengine-bf16-compiled": (lambda: nanoengine_system(folder, prompt, n, device, "default"), "nanoengine-bf16"),
         "nanoengine-bf16-cudagraphs": (lambda: nanoengine_system(folder, prompt, n, device, "reduce-overhead"), "nanoengine-bf16"),
-        "engine-bf16": (lambda: engine_system(folder, text, n, device, False), None),
-        "engine-bf16-background-compiled": (lambda: engine_system(folder, text, n, device, True), "engine-bf16"),
+        "engine-bf16-eager": (lambda: engine_system(folder, text, n, device, False, graphs=False), None),
+        "engine-bf16": (lambda: engine_system(folder, text, n, device, False), "engine-bf16-eager"),
+        "engine-bf16-background-compiled": (lambda: engine_system(folder, text, n, device, True), "engine-bf16-eager"),
     }
+    if args.systems:
+        unknown = set(args.systems.split(",")) - set(systems)
+        if unknown:
+            p.error(f"unknown system(s) {', '.join(sorted(unknown))}; known: {', '.join(systems)}")
+        systems = {name: systems[name] for name in args.systems.split(",")}
     name_of = torch.cuda.get_device_name() if device == "cuda" else device
     results = {"device": name_of, "torch": torch.__version__, "prompt_tokens": args.prompt_len,
                "new_tokens": args.new_tokens, "runs": args.runs, "weights": "random, the checkpoint's shapes", "systems": {}}  # fmt: skip

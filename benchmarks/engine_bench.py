@@ -61,13 +61,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else float("nan")
 
 
-async def timed_stream(prompt: str, new_tokens: int) -> tuple[float, list[float]]:
+async def timed_stream(prompt: str, new_tokens: int, model: str = MODEL) -> tuple[float, list[float]]:
     """(submission time, arrival time of each token) of one greedy stream."""
     from nanoengine import Completion
 
     start = time.perf_counter()
     stream = await Completion.acreate(
-        MODEL, prompt, new_tokens, temperature=0, timeout=3600, stream=True, return_token_log_probs=True
+        model, prompt, new_tokens, temperature=0, timeout=3600, stream=True, return_token_log_probs=True
     )  # with log-probs every chunk is one token, so each arrival is timed
     arrivals = []
     async for _ in stream:
@@ -75,9 +75,9 @@ async def timed_stream(prompt: str, new_tokens: int) -> tuple[float, list[float]
     return start, arrivals
 
 
-def concurrency_level(texts: list[str], new_tokens: int) -> dict:
+def concurrency_level(texts: list[str], new_tokens: int, model: str = MODEL) -> dict:
     async def run():
-        return await asyncio.gather(*(timed_stream(t, new_tokens) for t in texts))
+        return await asyncio.gather(*(timed_stream(t, new_tokens, model) for t in texts))
 
     start = time.perf_counter()
     streams = asyncio.run(run())
@@ -222,7 +222,7 @@ def padded_generate_s(model, hf_tok, batch: list[str], size: int, new_tokens: in
 
     start = time.perf_counter()
     for i in range(0, len(batch), size):
-        encoded = hf_tok(batch[i : i + size], return_tensors="pt", padding=True)
+        encoded = hf_tok(batch[i : i + size], return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=hf_tok.pad_token_id)
     return time.perf_counter() - start

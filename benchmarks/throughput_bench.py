@@ -4,6 +4,12 @@ transformers, concurrent streams, quantized batches, compile cost. Each target w
     python benchmarks/throughput_bench.py                 # the issue's sizes (an hour or more on 2 cores)
     python benchmarks/throughput_bench.py --prompts 64 --texts 200 --stream-tokens 32   # a shorter run
     python benchmarks/throughput_bench.py --quick         # a smoke run
+    python benchmarks/throughput_bench.py --device cuda --dtypes bfloat16 --random-weights   # on a GPU
+
+On a GPU (`--device cuda`) nanoengine replays its decode steps as CUDA graphs and transformers runs
+in bfloat16 too. `--random-weights` gives both systems the model's architecture with random
+weights (seeded) and its tokenizer, for a machine the weights cannot be sent to: speed does not
+depend on the values, but greedy texts then hinge on near-ties, so their comparisons say little.
 
 Every system runs in a worker process of its own (its memory and threads its own), float32 and
 the default options unless said (32 rows for 32 streams; the background compile off, timed apart):
@@ -57,8 +63,8 @@ def nanoengine_worker(dtype: str, args: argparse.Namespace) -> dict:
 
     # 32 streams at once; no background compile: on CPU it compiles one-row steps only, which batch
     # work does not run, and it would take the CPUs from the measurements (its cost: compile_worker)
-    nanoengine.configure(dtype=dtype, max_batch_size=32, background_compile=False)
-    llm = nanoengine.load(MODEL)
+    nanoengine.configure(dtype=dtype, device=args.device, max_batch_size=32, background_compile=False)
+    llm = nanoengine.load(args.model)
     tok = llm.tokenizer
     batch = texts_of(tok, args.prompts, 16, 256)
     llm.generate(batch[:4], max_new_tokens=4, temperature=0, progress=False)  # warm-up
@@ -67,7 +73,10 @@ def nanoengine_worker(dtype: str, args: argparse.Namespace) -> dict:
     result = {"dtype": dtype, "threads": torch.get_num_threads(), "generate_s": time.perf_counter() - start}
     result["texts"] = [o.text for o in outs]
     result["generated_tokens"] = sum(o.num_completion_tokens for o in outs)
-    if dtype != "float32":
+    graphs = llm.engine.runner.graphs
+    if graphs is not None:
+        result["cuda_graphs"] = {"recorded": sorted(graphs.graphs), "failed": graphs.failed}
+    if dtype != args.dtypes.split(",")[0]:
         return result
     checked = range(0, len(batch), max(len(batch) // args.solo_checks, 1))
     result["solo_checked"] = [i for i in checked if solo_text(llm, batch[i], args.new_tokens) == outs[i].text]
@@ -80,6 +89,8 @@ def nanoengine_worker(dtype: str, args: argparse.Namespace) -> dict:
     result["logprobs"] = [s.token_logprobs for s in scored]
     result["streams"] = streams(llm, args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -105,11 +116,11 @@ def streams(llm, args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         count = sum(1 for _ in generate(llm.model, ids, args.stream_tokens, SamplingParams(temperature=0), eos_ids=()))
         solo.append(count / (time.perf_counter() - start))
-        one.append(concurrency_level([text], args.stream_tokens)["tok_s"])
+        one.append(concurrency_level([text], args.stream_tokens, args.model)["tok_s"])
     levels = {"solo_loop": statistics.median(solo), "1": statistics.median(one), "solo_loop_runs": solo, "1_runs": one}
     for n in args.streams:
         if n != 1:
-            levels[str(n)] = concurrency_level(prompts(llm.tokenizer, n, 64, 512), args.stream_tokens)["tok_s"]
+            levels[str(n)] = concurrency_level(prompts(llm.tokenizer, n, 64, 512), args.stream_tokens, args.model)["tok_s"]
     return levels
 
 
@@ -119,8 +130,9 @@ def transformers_worker(args: argparse.Namespace) -> dict:
 
     from nanoengine import Tokenizer, resolve_model
 
-    folder = resolve_model(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    folder = resolve_model(args.model)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32  # nanoengine's default there
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
     hf_tok = AutoTokenizer.from_pretrained(folder)
     hf_tok.pad_token = hf_tok.pad_token or hf_tok.eos_token
     ours = Tokenizer.from_folder(folder)
@@ -134,20 +146,20 @@ def transformers_worker(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         logprobs = [row for i in range(0, len(texts), size) for row in batched_logprobs(model, hf_tok, texts[i : i + size])]
         score_s[size] = time.perf_counter() - start
-    return {"threads": torch.get_num_threads(), "generate_s": generate_s, "score_s": score_s, "logprobs": logprobs}
+    return {"threads": torch.get_num_threads(), "dtype": str(dtype), "generate_s": generate_s, "score_s": score_s, "logprobs": logprobs}
 
 
 def batched_logprobs(model, hf_tok, texts: list[str]) -> list[list[float]]:
     """transformers' batched forward: each text's token log-probs from one right-padded pass."""
     import torch
 
-    encoded = hf_tok(texts, return_tensors="pt", padding=True)
+    encoded = hf_tok(texts, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
         logits = model(**encoded).logits[:, :-1].float()  # (B, T-1, V)
         targets = encoded.input_ids[:, 1:, None]
         values = logits.gather(-1, targets)[..., 0] - logits.logsumexp(-1)  # (B, T-1)
     lengths = encoded.attention_mask.sum(-1).tolist()
-    return [values[row, : n - 1].tolist() for row, n in enumerate(lengths)]
+    return [values[row, : n - 1].tolist() for row, n in enumerate(lengths)]  # .tolist(): synchronised
 
 
 def compile_worker(args: argparse.Namespace) -> dict:
@@ -156,7 +168,7 @@ def compile_worker(args: argparse.Namespace) -> dict:
     import nanoengine
     from nanoengine.engine.compiling import BackgroundCompile
 
-    llm = nanoengine.load(MODEL)
+    llm = nanoengine.load(args.model)
     compiler = BackgroundCompile(llm.model, llm.engine.max_seq_len, after_tokens=0)
     start = time.perf_counter()
     compiler.wait(args.buckets, timeout=None)
@@ -181,9 +193,10 @@ def run_worker(name: str, argv: list[str], threads: int, env: dict | None = None
     return result
 
 
-def targets(runs: dict) -> list[tuple[str, str, bool]]:
-    """(target, what was measured, met) for every target of the issue."""
-    fp32, hf = runs["float32"], runs["transformers"]
+def targets(runs: dict, base: str = "float32") -> list[tuple[str, str, bool]]:
+    """(target, what was measured, met) for every target of the issue; `base` is the dtype the
+    others are compared with (float32 on CPU)."""
+    fp32, hf = runs[base], runs["transformers"]
     best_gen = min(hf["generate_s"], key=hf["generate_s"].get)
     best_score = min(hf["score_s"], key=hf["score_s"].get)
     gen_ratio, score_ratio = hf["generate_s"][best_gen] / fp32["generate_s"], hf["score_s"][best_score] / fp32["score_s"]
@@ -207,15 +220,16 @@ def targets(runs: dict) -> list[tuple[str, str, bool]]:
         q = runs.get(dtype)
         if q is None:
             continue
-        rows.append((f"{dtype} llm.generate no slower than float32's", f"{q['generate_s']:.1f} s vs {fp32['generate_s']:.1f} s", q["generate_s"] <= fp32["generate_s"]))
+        rows.append((f"{dtype} llm.generate no slower than {base}'s", f"{q['generate_s']:.1f} s vs {fp32['generate_s']:.1f} s", q["generate_s"] <= fp32["generate_s"]))
         same = sum(a == b for a, b in zip(q["texts"], fp32["texts"]))
-        rows.append((f"{dtype} greedy texts = float32's", f"{same} of {len(q['texts'])} equal", same == len(q["texts"])))
+        rows.append((f"{dtype} greedy texts = {base}'s", f"{same} of {len(q['texts'])} equal", same == len(q["texts"])))
     return rows
 
 
 def table(runs: dict, args: argparse.Namespace) -> str:
     lines = ["| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {name} | {measured} | {'met' if met else '**NOT met**'} |" for name, measured, met in targets(runs)]
+    base = args.dtypes.split(",")[0]
+    lines += [f"| {name} | {measured} | {'met' if met else '**NOT met**'} |" for name, measured, met in targets(runs, base)]
     hf = runs["transformers"]
     lines.append("\ntransformers by batch size: " + "; ".join(
         f"{b}: generate {hf['generate_s'][b]:.1f} s, score {hf['score_s'][b]:.1f} s" for b in hf["generate_s"]))  # fmt: skip
@@ -224,7 +238,7 @@ def table(runs: dict, args: argparse.Namespace) -> str:
         if c is not None:
             each = ", ".join(f"{shape}: {s:.0f} s" for shape, s in c["seconds"].items())
             lines.append(f"compile, {name} inductor cache: {c['total_s']:.0f} s for {len(c['seconds'])} buckets ({each})")
-    fp32 = runs["float32"]
+    fp32 = runs[base]
     lines.append(
         f"sizes: {args.prompts} prompts of 16-256 tokens x {args.new_tokens} new ({fp32['generated_tokens']} generated); "
         f"{args.texts} texts of 32-512 tokens ({fp32['score_tokens']} tokens); streams of {args.stream_tokens} new tokens"
@@ -235,7 +249,7 @@ def table(runs: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def chart(runs: dict, path: Path) -> bool:
+def chart(runs: dict, path: Path, args: argparse.Namespace) -> bool:
     try:
         import matplotlib
 
@@ -244,10 +258,11 @@ def chart(runs: dict, path: Path) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install 'nanoengine[bench]'): no PNG written", file=sys.stderr)
         return False
-    hf, fp32 = runs["transformers"], runs["float32"]
+    dtypes = args.dtypes.split(",")
+    hf, fp32 = runs["transformers"], runs[dtypes[0]]
     fig, (gen, score, streams_axis) = plt.subplots(1, 3, figsize=(14, 4))
-    names = [f"hf batch {b}" for b in hf["generate_s"]] + [f"nanoengine {d}" for d in ("float32", "int8", "int4") if d in runs]
-    gen.barh(names, [*hf["generate_s"].values(), *(runs[d]["generate_s"] for d in ("float32", "int8", "int4") if d in runs)])
+    names = [f"hf batch {b}" for b in hf["generate_s"]] + [f"nanoengine {d}" for d in dtypes]
+    gen.barh(names, [*hf["generate_s"].values(), *(runs[d]["generate_s"] for d in dtypes)])
     gen.set_xlabel("llm.generate wall time, s")
     score.barh([f"hf batch {b}" for b in hf["score_s"]] + ["nanoengine"], [*hf["score_s"].values(), fp32["score_s"]])
     score.set_xlabel("llm.score wall time, s")
@@ -258,10 +273,20 @@ def chart(runs: dict, path: Path) -> bool:
     streams_axis.set_ylabel("tok/s")
     for axis in (gen, score, streams_axis):
         axis.grid(alpha=0.3)
-    fig.suptitle("SmolLM2-135M, float32 unless said, 2 threads")
+    where = f"{args.threads} threads" if args.device == "cpu" else args.device
+    fig.suptitle(f"{Path(args.model).name}, {dtypes[0]} unless said, {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
+
+
+def compact(report: dict) -> dict:
+    """The report with the texts and log-probs it compared left out (a 1,000-text run's are tens of MB)."""
+    def short(value):
+        return f"({len(value)} entries, left out)" if isinstance(value, list) else value
+
+    runs = {name: {key: short(v) if key in ("texts", "logprobs") else v for key, v in run.items()} for name, run in report["runs"].items()}
+    return {**report, "runs": runs}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -275,7 +300,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", default="float32,int8,int4")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of every system (the issue's 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few prompts and texts, no compile")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "throughput-cpu.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default=MODEL, help="a registered model or a checkpoint folder")
+    parser.add_argument("--random-weights", action="store_true", help="the model's architecture with random weights (see above)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON (default: results/throughput-DEVICE.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -284,8 +312,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.prompts, args.new_tokens, args.texts, args.stream_tokens, args.solo_checks = 8, 4, 8, 4, 2
         args.streams, args.batches, args.buckets = [1, 8, 32], (4, 8), ""
+    if args.device == "cuda":
+        args.buckets = ""  # decode steps are recorded as CUDA graphs there, nothing is compiled
     args.buckets = [tuple(int(n) for n in b.split("x")) for b in args.buckets.split(",") if b]
+    args.out = args.out or RESULTS_DIR / f"throughput-{args.device}.json"
     return args
+
+
+def random_weights(model: str, folder: Path) -> Path:
+    """`model`'s architecture with random weights (seed 0) and its tokenizer, saved into `folder`."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nanoengine import resolve_model
+
+    source = resolve_model(model)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     context = others_running()
+    if args.random_weights:  # made once, here; every worker loads the same folder
+        args.model = str(random_weights(args.model, Path(tempfile.mkdtemp())))
+        argv = [a for a in argv if a != "--random-weights"] + ["--model", args.model]
     runs = {dtype: run_worker(dtype, argv, args.threads) for dtype in args.dtypes.split(",")}
     runs["transformers"] = run_worker("transformers", argv, args.threads)
     runs["transformers"]["generate_s"] = {int(k): v for k, v in runs["transformers"]["generate_s"].items()}
@@ -314,16 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "weights": "random (the architecture's shapes)" if "--random-weights" in sys.argv else "the checkpoint's",
         "torch": torch.__version__,
         "running_beside": context,
-        "targets": [{"target": t, "measured": m, "met": met} for t, m, met in targets(runs)],
+        "targets": [{"target": t, "measured": m, "met": met} for t, m, met in targets(runs, args.dtypes.split(",")[0])],
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(compact(report), indent=2))
     print(f"{report['machine']}, torch {report['torch']}; at the start: {context}\n{table(runs, args)}")
     png = args.out.with_suffix(".png")
-    if chart(runs, png):
+    if chart(runs, png, args):
         print(f"\nwrote {args.out} and {png}")
     return 0
 
