@@ -74,6 +74,12 @@ class OneTokenLinear(Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+# A call to oneDNN's product costs ~14 us more than one to MKL's, whatever the size: SmolLM2's
+# key and value projections (110,592 values) were faster with MKL at a few rows, its 331,776-value
+# ones with oneDNN.
+ONEDNN_FROM = 1 << 18
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T, float32 on the CPU, by oneDNN rather than by MKL (`F.linear`'s): on SmolLM2's
     shapes (2 threads, AVX-512) whole decode steps of 1 to 32 rows and prompt passes run
@@ -83,8 +89,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_form(module: nn.Module) -> type | None:
-    """`module`'s class with oneDNN's product, for a projection whose product is `F.linear`."""
+    """`module`'s class with oneDNN's product, for a projection whose product is `F.linear` and
+    whose weight has `ONEDNN_FROM` values or more."""
     cls = type(module)
+    if getattr(module, "in_features", 0) * getattr(module, "out_features", 0) < ONEDNN_FROM:
+        return None
     if (cls, "onednn") not in _forms:
         stock = getattr(cls, "product", None) is torch.nn.functional.linear
         _forms[cls, "onednn"] = type(f"OneDnn{cls.__name__}", (cls,), {"product": staticmethod(onednn_linear)}) if stock else None
