@@ -8,6 +8,7 @@ import torch
 from conftest import save_tiny_llama
 
 from nanoengine import KVCache, load_model
+from nanoengine.engine.compiling import in_eager_form
 from nanoengine.engine.generation import generate
 
 TINY_VARIANTS = {
@@ -113,10 +114,12 @@ def test_real_model_matches_transformers(smollm2, smollm2_reference, name):
     ids = torch.tensor([prompt_ids])
     with torch.inference_mode():
         ours_last = smollm2.model(ids, last_only=True)[0, -1]
+        engines_last = in_eager_form(smollm2.model)(ids, last_only=True)[0, -1]  # oneDNN's products
         reference_last = smollm2_reference(ids).logits[0, -1]
         expected = smollm2_reference.generate(
             ids, max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=2
         )[0, len(prompt_ids) :].tolist()
     assert (ours_last - reference_last).abs().max().item() <= 1e-4
+    assert (engines_last - reference_last).abs().max().item() <= 1e-4
     ours = [t.id for t in generate(smollm2.model, prompt_ids, 48, eos_ids=())]
     assert ours == expected

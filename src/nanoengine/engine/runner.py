@@ -1,13 +1,15 @@
 """One batched forward pass over the KV cache pool: a decode step, or a batch of prompt chunks.
 
-The runner owns execution: which step runs compiled, eagerly, or on a GPU as a recorded CUDA
-graph is decided here (`_plan`, with `compiling.py` and `graphs.py`), never inside the model. The pool (`KVCache` with one row per slot) is allocated
-once, for `rows` sequences of at most `max_len` tokens, so its memory is bounded whatever requests
-ask for. Each step runs over a view of the rows in use and of the positions in use, so attention
-costs what is cached rather than what is reserved: an eager pass's view ends at the next multiple
-of `LENGTH_ALIGN` positions (a decode step's attention reads every position of its view, and at
-32 rows costs as much as the matrix products), a compiled step's at the next multiple of
-`LENGTH_BUCKET`, so that the shapes it sees stay few. A compiled or recorded decode step also
+The runner owns execution: which step runs compiled, eagerly (on a CPU, a twin of the model with
+faster products: `compiling.in_eager_form`), or on a GPU as a recorded CUDA graph is decided
+here (`_plan`, with `compiling.py` and `graphs.py`), never inside the model. The pool (`KVCache`
+with one row per slot) is allocated once, for `rows` sequences of at most `max_len` tokens, so
+its memory is bounded whatever requests ask for. Each step runs over a view of the rows in use
+and of the positions in use, so attention costs what is cached rather than what is reserved: an
+eager pass's view ends at the next multiple of `LENGTH_ALIGN` positions (a decode step's
+attention reads every position of its view, and at 32 rows costs as much as the matrix
+products), a compiled or recorded step's at the next multiple of `LENGTH_BUCKET`, so that the
+shapes it sees stay few. A compiled or recorded decode step also
 rounds its rows up to a bucket (`compiling.row_bucket`): the padding rows feed token 0 at a
 position whose keys nobody reads (see `decode`), and their logits are dropped, so no real row's
 tokens change.
