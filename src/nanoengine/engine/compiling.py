@@ -32,6 +32,7 @@ failure leaves the engine eager, with a warning. `compile_steps(model)` instead 
 on that model compile each shape in the foreground, the first time it runs it (the
 single-sequence `generate()` and the benchmarks).
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,7 +97,8 @@ def _onednn_form(module: nn.Module) -> type | None:
         return None
     if (cls, "onednn") not in _forms:
         stock = getattr(cls, "product", None) is torch.nn.functional.linear
-        _forms[cls, "onednn"] = type(f"OneDnn{cls.__name__}", (cls,), {"product": staticmethod(onednn_linear)}) if stock else None
+        form = type(f"OneDnn{cls.__name__}", (cls,), {"product": staticmethod(onednn_linear)})
+        _forms[cls, "onednn"] = form if stock else None
     return _forms[cls, "onednn"]
 
 
