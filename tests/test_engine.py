@@ -349,7 +349,9 @@ def test_32_async_streams_and_32_threads_each_get_exactly_their_solo_text(tiny):
     assert round_of_64() == expected  # a second round finds everything as the first left it
     # The kept views of the pool are bounded by its shape classes (rows x length buckets), not by requests.
     assert len(engine.runner.cache._views) <= engine.settings.max_batch_size * engine.max_seq_len // 256
-    assert all(t.name == "nanoengine-engine" for t in threading.enumerate() if t.name.startswith("nanoengine"))
+    # No per-request thread is left: only engines' loops (and the compile workers of engines that
+    # earlier tests loaded with compile=True, which live as long as their cached model).
+    assert all(t.name in ("nanoengine-engine", "nanoengine-compile") for t in threading.enumerate() if t.name.startswith("nanoengine"))
 
 
 # --- Memory --------------------------------------------------------------------------------------
