@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-        "weights": "random (the architecture's shapes)" if "--random-weights" in sys.argv else "the checkpoint's",
+        "weights": "random (the architecture's shapes)" if args.random_weights else "the checkpoint's",
         "torch": torch.__version__,
         "running_beside": context,
         "targets": [{"target": t, "measured": m, "met": met} for t, m, met in targets(runs, args.dtypes.split(",")[0])],

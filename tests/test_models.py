@@ -64,6 +64,7 @@ def test_environment_variables_set_the_defaults_and_configure_wins(monkeypatch):
         (dict(dtype="int3"), "dtype must be one of"),
         (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'auto'"),
         (dict(compile="yes"), "compile must be True or False"),
+        (dict(cuda_graphs="sometimes"), r"cuda_graphs must be on or off .*configure\(\)"),
     ],
 )
 def test_configure_refuses_bad_options(kwargs, message):

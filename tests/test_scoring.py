@@ -110,6 +110,8 @@ def test_bad_texts_are_refused_before_any_work(smollm2):
         score(smollm2, ["word " * 9000])
     with pytest.raises(InvalidParameterError, match="batch_tokens must be a positive integer"):
         score(smollm2, ["fine"], batch_tokens=0)
+    with pytest.raises(InvalidParameterError, match="batch_tokens must be a positive integer, not True"):
+        score(smollm2, ["fine"], batch_tokens=True)
 
 
 def test_a_score_shows_its_numbers(smollm2):

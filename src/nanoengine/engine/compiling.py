@@ -79,6 +79,7 @@ class OneTokenLinear(Linear):
 # key and value projections (110,592 values) were faster with MKL at a few rows, its 331,776-value
 # ones with oneDNN.
 ONEDNN_FROM = 1 << 18
+_onednn_forms: dict[type, type | None] = {}  # a projection class -> its form with oneDNN's product
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -95,11 +96,11 @@ def _onednn_form(module: nn.Module) -> type | None:
     cls = type(module)
     if getattr(module, "in_features", 0) * getattr(module, "out_features", 0) < ONEDNN_FROM:
         return None
-    if (cls, "onednn") not in _forms:
+    if cls not in _onednn_forms:
         stock = getattr(cls, "product", None) is torch.nn.functional.linear
         form = type(f"OneDnn{cls.__name__}", (cls,), {"product": staticmethod(onednn_linear)})
-        _forms[cls, "onednn"] = form if stock else None
-    return _forms[cls, "onednn"]
+        _onednn_forms[cls] = form if stock else None
+    return _onednn_forms[cls]
 
 
 _eager: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
@@ -132,7 +133,7 @@ def _dequantized_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
-_forms: dict[tuple[type, object], type | None] = {(Linear, True): OneTokenLinear}
+_forms: dict[tuple[type, bool], type | None] = {(Linear, True): OneTokenLinear}
 
 
 def _form(module: nn.Module, one_row: bool) -> type | None:

@@ -19,8 +19,6 @@ step. A recording that fails leaves the runner eager, with a warning.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
 import torch
 
 from ..model.decoder import CausalLM
@@ -66,10 +64,6 @@ class GraphSteps:
         self.pool = torch.cuda.graph_pool_handle()  # shared: one step runs at a time
         self.stream = torch.cuda.Stream()  # where steps are recorded (and run once before)
         self.failed = False
-
-    def step_for(self, rows: int, length: int) -> Callable[..., torch.Tensor] | None:
-        """The recorded step for this bucket, if there is one."""
-        return None if self.failed else self.graphs.get((rows, length))
 
     def record(self, ids: torch.Tensor, pos: torch.Tensor, view: KVCache) -> torch.Tensor:
         """Run the step for `ids` (rows, 1) eagerly, then record it for its bucket; return the

@@ -31,8 +31,7 @@ LENGTH_BUCKET = 256  # a compiled or recorded step's cache view: a multiple of t
 LENGTH_ALIGN = 64  # an eager step's
 # Positions whose logits `sequence_logprobs` forms at once: on a CPU few enough to stay in its
 # cache (128 x SmolLM2's vocabulary: 25 MB), on a GPU many (4,096: 0.8 GB), as its kernels want.
-HEAD_CHUNK = {"cpu": 128}
-GPU_HEAD_CHUNK = 4096
+HEAD_CHUNK_CPU, HEAD_CHUNK_GPU = 128, 4096
 
 
 class Plan(NamedTuple):
@@ -108,7 +107,7 @@ class ModelRunner:
                 return Plan(step, padded, length)
         if self.graphs is None or self.graphs.failed:
             return eager
-        step = self.graphs.step_for(padded, length)
+        step = self.graphs.graphs.get((padded, length))
         return Plan(step, padded, length, record=step is None)
 
     @torch.inference_mode()
@@ -161,7 +160,7 @@ def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> lis
     """Per sequence, log p(token t | tokens before t) for t = 1 .. len - 1, in one right-padded
     pass without a KV cache (what `llm.score` runs, batch by batch).
 
-    The head runs on the real positions alone, a `HEAD_CHUNK` at a time, each chunk's log-softmax
+    The head runs on the real positions alone, `HEAD_CHUNK_CPU` (or `_GPU`) at a time, each chunk's log-softmax
     taken while its logits are still in the cache: the whole (tokens x vocabulary) logits of a
     2,048-token batch are 400 MB for SmolLM2, which the log-softmax read and wrote several times
     over (14% of `llm.score`'s time)."""
@@ -175,7 +174,7 @@ def sequence_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> lis
         hidden = model.hidden_states(ids, torch.arange(T, device=device).expand(B, T), None)  # (B, T, C)
         hidden, targets = hidden[:, :-1][scored], ids[:, 1:][scored]  # (N, C), (N,): the N real positions
         values = torch.empty(len(targets), device=device)  # (N,)
-        chunk = HEAD_CHUNK.get(device.type, GPU_HEAD_CHUNK)
+        chunk = HEAD_CHUNK_CPU if device.type == "cpu" else HEAD_CHUNK_GPU
         for start in range(0, len(targets), chunk):
             logits = model.logits_of(hidden[start : start + chunk]).float()  # (chunk, V)
             values[start : start + chunk] = logits.gather(-1, targets[start : start + chunk, None])[:, 0] - logits.logsumexp(-1)

@@ -20,11 +20,11 @@ from ..progress import Progress
 
 logger = logging.getLogger(__name__)
 
-# Padded tokens per forward pass: on a CPU 2,048 already keep the matrix products at full speed;
-# a GPU needs many more to be busy (the logits are formed a chunk at a time either way).
-BATCH_TOKENS = {"cpu": 2048}
+# Padded tokens per forward pass: on a CPU 2,048 already keep the matrix products at full speed
+# (also where a pass forms all its logits at once, the top alternatives': about 400 MB); a GPU
+# needs many more to be busy (`score` forms the logits a chunk at a time).
+DEFAULT_BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 16384
-DEFAULT_BATCH_TOKENS = 2048  # where a pass forms all its logits at once (top alternatives): about 400 MB
 
 
 @dataclass(frozen=True, repr=False)
@@ -71,7 +71,7 @@ def score(
     """
     model, tokenizer = llm.model, llm.tokenizer
     if batch_tokens is None:
-        batch_tokens = BATCH_TOKENS.get(model.lm_head.weight.device.type, GPU_BATCH_TOKENS)
+        batch_tokens = DEFAULT_BATCH_TOKENS if model.lm_head.weight.device.type == "cpu" else GPU_BATCH_TOKENS
     if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
         raise InvalidParameterError(f"batch_tokens must be a positive integer, not {batch_tokens!r}")
     encoded = encode_texts(tokenizer, texts, model.config.max_position_embeddings)
